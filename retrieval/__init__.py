@@ -1,0 +1,1 @@
+"""Cross-task demonstration retrieval: data sources, embedder, store, prompt assembly."""

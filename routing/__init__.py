@@ -1,0 +1,1 @@
+"""Adapter routing: registry, router, merging, logit fusion, training."""

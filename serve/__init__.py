@@ -1,0 +1,1 @@
+"""The serving side: HTTP API, engine, pipeline, CLI."""

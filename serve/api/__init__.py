@@ -1,0 +1,1 @@
+"""The HTTP API: FastAPI routers, one folder a resource (api_router, protocol, serving)."""

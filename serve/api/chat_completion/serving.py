@@ -1,0 +1,138 @@
+"""Chat completions: protocol models in, the pipeline in the middle, protocol models out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from serve.api.chat_completion.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    DeltaMessage,
+    TokenLogprobModel,
+    TopLogprob,
+)
+from serve.api.protocol import CrosstaskAnnotation, UsageInfo
+from serve.api.streaming import SSE_DONE, check_limits, sse, sse_error
+from serve.engine import TokenLogprob
+from serve.errors import APIError, bad_request
+from serve.pipeline import GenerationRequest, Message, Pipeline, PreparedRequest
+
+
+def _logprobs(items: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+    if items is None:
+        return None
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobModel(
+                token=item.token,
+                logprob=item.logprob,
+                bytes=list(item.token.encode()),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in item.top
+                ],
+            )
+            for item in items
+        ]
+    )
+
+
+class ChatServing:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
+        if request.top_logprobs is not None and not request.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        check_limits(request, self.pipeline.settings, logprobs)
+        max_tokens = request.effective_max_tokens()
+        return self.pipeline.prepare(
+            GenerationRequest(
+                model=request.model,
+                params=request.generation_params(max_tokens, logprobs),
+                max_tokens=max_tokens,
+                messages=[Message(role=m.role, content=m.text()) for m in request.messages],
+                options=request.options(),
+            )
+        )
+
+    async def complete(
+        self, request: ChatCompletionRequest, prepared: PreparedRequest, request_id: str
+    ) -> ChatCompletionResponse:
+        done = await self.pipeline.complete(prepared, request_id)
+        return ChatCompletionResponse(
+            id=request_id,
+            created=int(time.time()),
+            model=request.model,
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=AssistantMessage(content=c.text),
+                    logprobs=_logprobs(c.logprobs),
+                    finish_reason=c.finish_reason,
+                )
+                for c in done.choices
+            ],
+            usage=UsageInfo.of(done.prompt_tokens, done.completion_tokens),
+            crosstask=CrosstaskAnnotation.of(done.annotation),
+        )
+
+    async def stream(
+        self, request: ChatCompletionRequest, prepared: PreparedRequest, request_id: str
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        n = prepared.params.n
+        annotation = CrosstaskAnnotation.of(prepared.annotation)
+
+        def chunk(choices: list[ChatChunkChoice], **extra: object) -> str:
+            return sse(
+                ChatCompletionChunk(
+                    id=request_id,
+                    created=created,
+                    model=request.model,
+                    choices=choices,
+                    **extra,  # type: ignore[arg-type]
+                )
+            )
+
+        yield chunk(
+            [
+                ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                for i in range(n)
+            ]
+        )
+        unfinished = n
+        completion_tokens = 0
+        try:
+            async for deltas in self.pipeline.stream(prepared, request_id):
+                choices = []
+                for d in deltas:
+                    completion_tokens += len(d.token_ids)
+                    if d.finish_reason is not None:
+                        unfinished -= 1
+                    if d.text or d.finish_reason is not None or d.logprobs:
+                        choices.append(
+                            ChatChunkChoice(
+                                index=d.index,
+                                delta=DeltaMessage(content=d.text),
+                                logprobs=_logprobs(d.logprobs),
+                                finish_reason=d.finish_reason,
+                            )
+                        )
+                if choices:
+                    # The chunk that finishes the last choice carries the annotation.
+                    yield chunk(choices, crosstask=annotation if unfinished == 0 else None)
+        except APIError as error:
+            yield sse_error(error)
+            yield SSE_DONE
+            return
+        if request.include_usage:
+            usage = UsageInfo.of(len(prepared.prompt_token_ids), completion_tokens)
+            yield chunk([], usage=usage, crosstask=annotation)
+        yield SSE_DONE

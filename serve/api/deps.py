@@ -1,0 +1,98 @@
+"""FastAPI dependencies: the server state, readiness and API-key checks."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from serve.api.chat_completion.serving import ChatServing
+from serve.api.completion.serving import CompletionServing
+from serve.api.state import ServerState, Status
+from serve.errors import APIError, unavailable
+from serve.pipeline import Pipeline
+
+
+def get_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.crosstask
+    return state
+
+
+def _ready(state: ServerState) -> Pipeline:
+    if state.status is Status.READY and state.pipeline is not None:
+        return state.pipeline
+    if state.status is Status.STARTING:
+        raise unavailable("The engine is still starting; retry shortly.", code="starting")
+    if state.status is Status.DRAINING:
+        raise unavailable("The server is shutting down.", code="draining")
+    raise unavailable(f"The engine failed: {state.failure}", code="engine_dead")
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    return _ready(get_state(request))
+
+
+def get_chat_serving(request: Request) -> ChatServing:
+    state = get_state(request)
+    _ready(state)
+    assert state.chat is not None
+    return state.chat
+
+
+def get_completion_serving(request: Request) -> CompletionServing:
+    state = get_state(request)
+    _ready(state)
+    assert state.completion is not None
+    return state.completion
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _matches(token: str, keys: list[str]) -> bool:
+    # Compare against every key, in constant time each, so timing tells nothing.
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(message, 401, "invalid_request_error", None, "invalid_api_key")
+
+
+def require_api_key(request: Request) -> None:
+    """Every /v1 route, when keys are configured: any API key or the admin key."""
+    settings = get_state(request).settings
+    if not settings.auth_enabled:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise _unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+    keys = [k.get_secret_value() for k in settings.api_keys]
+    if settings.admin_key is not None:
+        keys.append(settings.admin_key.get_secret_value())
+    if not _matches(token, keys):
+        raise _unauthorized("Incorrect API key provided.")
+
+
+def require_admin(request: Request) -> None:
+    """Management writes, when keys are configured: the admin key only."""
+    settings = get_state(request).settings
+    if not settings.auth_enabled:
+        return
+    require_api_key(request)
+    token = _bearer(request) or ""
+    if settings.admin_key is None or not _matches(token, [settings.admin_key.get_secret_value()]):
+        raise APIError(
+            "This route changes the server and needs the admin key.",
+            403,
+            "invalid_request_error",
+            None,
+            "admin_key_required",
+        )

@@ -1,0 +1,70 @@
+"""Prometheus metrics, one registry per app (no process-global collectors, so tests can
+build several apps in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "crosstask_requests",
+            "HTTP requests by route template and status code.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "crosstask_request_latency_seconds",
+            "End-to-end HTTP request latency (to the last byte of the response).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "crosstask_time_to_first_token_seconds",
+            "Time from receiving a generation request to its first generated token.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "crosstask_prompt_tokens", "Prompt tokens of finished generation requests.", registry=r
+        )
+        self.completion_tokens = Counter(
+            "crosstask_completion_tokens",
+            "Generated tokens of finished or aborted generation requests.",
+            registry=r,
+        )
+        self.aborted = Counter(
+            "crosstask_requests_aborted",
+            "Generation requests aborted before they finished (client gone, shutdown).",
+            registry=r,
+        )
+        self.running = Gauge(
+            "crosstask_requests_running",
+            "Requests the engine is running (in its batch) now.",
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "crosstask_requests_waiting",
+            "Requests queued in the engine, not yet running.",
+            registry=r,
+        )
+        self.engine_ready = Gauge(
+            "crosstask_engine_ready", "1 once the engine serves requests, else 0.", registry=r
+        )
+
+    def track_engine_load(self, load: Callable[[], tuple[int, int]]) -> None:
+        """Read (running, waiting) from the engine at scrape time rather than on every step."""
+        self.running.set_function(lambda: float(load()[0]))
+        self.waiting.set_function(lambda: float(load()[1]))
