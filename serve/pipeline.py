@@ -9,9 +9,20 @@ boundary.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from retrieval.prompt import (
+    Demonstration,
+    Turn,
+    chat_turns,
+    demonstration_blocks,
+    fit,
+    plain_prompt,
+)
+from retrieval.query import query_text
+from retrieval.retriever import Retriever
+from retrieval.store import Hit
 from serve.engine import (
     Engine,
     EngineDeadError,
@@ -25,6 +36,9 @@ from serve.metrics import Metrics
 from serve.settings import Settings
 
 AUTO_MODEL = "auto"
+# Where the model starts writing the next Definition/Input block of a few-shot prompt, it
+# has finished its answer.
+DEMONSTRATION_STOPS = ("\n\nInput:", "\n\nDefinition:")
 ROUTING_MODES = ("off", "adapter", "merge", "fuse", "auto")
 
 
@@ -105,10 +119,17 @@ class Completed:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        metrics: Metrics,
+        retriever: Retriever | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
+        self.retriever = retriever
         self.started_at = time.time()
 
     @property
@@ -117,17 +138,25 @@ class Pipeline:
 
     # -- validate, retrieve, route, assemble ----------------------------------------------
 
-    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
         received_at = time.monotonic()
         self._check_model(request.model)
-        self._check_options(request.options)
+        k = self._demonstration_count(request)
+        demos: list[Hit] = []
+        if k > 0:
+            demos = await self._retrieve(request, k)
         routing = RoutingDecision(mode="off")
-        prompt_ids = self._assemble(request)
+        prompt_ids, demos = self._assemble(request, demos)
         params = self._fit_to_context(request, prompt_ids)
+        if demos:
+            self.metrics.demonstrations.observe(len(demos))
         return PreparedRequest(
             prompt_token_ids=prompt_ids,
             params=params,
-            annotation=Annotation(demonstrations=[], routing=routing),
+            annotation=Annotation(
+                demonstrations=[DemonstrationRef(h.id, h.task, h.score) for h in demos],
+                routing=routing,
+            ),
             received_at=received_at,
         )
 
@@ -140,21 +169,31 @@ class Pipeline:
                 code="model_not_found",
             )
 
-    def _check_options(self, options: CrosstaskOptions) -> None:
-        # Fields that would change what is served are refused until the server can honour
-        # them: silently ignoring them would answer a different question than was asked.
-        if options.k not in (None, 0):
+    def _demonstration_count(self, request: GenerationRequest) -> int:
+        """How many demonstrations to retrieve; refuses what cannot be honoured, since
+        silently ignoring a field would answer a different question than was asked."""
+        options = request.options
+        self._check_routing(options)
+        if options.k is None:
+            if self.retriever is None or not isinstance(request.prompt, str | None):
+                return 0
+            return self.settings.default_k
+        if options.k > 0 and self.retriever is None:
             raise bad_request(
                 "crosstask.demonstrations.k > 0 needs a demonstration store; this server "
                 "has none configured (k must be 0).",
                 param="crosstask.demonstrations.k",
                 code="unsupported_value",
             )
-        if options.min_score is not None and options.min_score < 0:
+        if options.k > 0 and request.prompt is not None and not isinstance(request.prompt, str):
             raise bad_request(
-                "crosstask.demonstrations.min_score must be >= 0.",
-                param="crosstask.demonstrations.min_score",
+                "Demonstrations need a text prompt; token-id prompts take k = 0.",
+                param="crosstask.demonstrations.k",
+                code="unsupported_value",
             )
+        return options.k
+
+    def _check_routing(self, options: CrosstaskOptions) -> None:
         if options.routing_mode not in (None, "off"):
             raise bad_request(
                 f"crosstask.routing.mode {options.routing_mode!r} needs the adapter library; "
@@ -175,14 +214,38 @@ class Pipeline:
                 code="unsupported_value",
             )
 
-    def _assemble(self, request: GenerationRequest) -> list[int]:
+    def _definition_and_input(self, request: GenerationRequest) -> tuple[str, str]:
+        """The task definition (the `task` field, else the system message) and the input
+        (the last user message, or the completion prompt)."""
+        definition = request.options.task or ""
         if request.messages is not None:
-            return self.engine.render_chat(
-                [{"role": m.role, "content": m.content} for m in request.messages]
-            )
-        if isinstance(request.prompt, str):
-            return self.engine.encode(request.prompt)
-        if request.prompt is not None:
+            if not definition:
+                definition = next(
+                    (m.content for m in request.messages if m.role in ("system", "developer")),
+                    "",
+                )
+            text = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+            return definition, text
+        return definition, request.prompt if isinstance(request.prompt, str) else ""
+
+    async def _retrieve(self, request: GenerationRequest, k: int) -> list[Hit]:
+        assert self.retriever is not None
+        definition, text = self._definition_and_input(request)
+        query = query_text(definition, text)
+        if not query:
+            return []
+        started = time.monotonic()
+        vector = await self.retriever.embed(query)
+        hits = await self.retriever.search(
+            vector, k, request.options.min_score or 0.0, request.options.exclude_tasks
+        )
+        self.metrics.retrieval_latency.observe(time.monotonic() - started)
+        return hits
+
+    def _assemble(self, request: GenerationRequest, hits: list[Hit]) -> tuple[list[int], list[Hit]]:
+        """Token ids of the prompt, and the demonstrations that fit in it (dropped
+        farthest first until prompt plus max_tokens fit the context)."""
+        if request.prompt is not None and not isinstance(request.prompt, str):
             vocab = len(self.engine.tokenizer)
             if any(t < 0 or t >= vocab for t in request.prompt):
                 raise bad_request(
@@ -190,8 +253,54 @@ class Pipeline:
                     param="prompt",
                     code="invalid_token_id",
                 )
-            return list(request.prompt)
-        raise bad_request("Either messages or prompt is required.")
+            return list(request.prompt), []
+        if request.messages is None and request.prompt is None:
+            raise bad_request("Either messages or prompt is required.")
+        render = self._renderer(request)
+        if not hits:
+            return render([]), []
+        demos = [Demonstration(h.task, h.definition, h.input, h.output) for h in hits]
+        budget = self.engine.max_model_len - (request.max_tokens or 1)
+        cache: dict[int, list[int]] = {}
+
+        def size(kept: Sequence[Demonstration]) -> int:
+            cache[len(kept)] = render(kept)
+            return len(cache[len(kept)])
+
+        kept, _ = fit(demos, size, budget)
+        if kept:
+            # Ask the model to stop where the next demonstration block would begin.
+            request.params.stop = [*request.params.stop, *DEMONSTRATION_STOPS]
+        return cache[len(kept)], hits[: len(kept)]
+
+    def _renderer(
+        self, request: GenerationRequest
+    ) -> Callable[[Sequence[Demonstration]], list[int]]:
+        definition, text = self._definition_and_input(request)
+        if request.messages is None:
+            prompt = str(request.prompt)
+
+            def completion(demos: Sequence[Demonstration]) -> list[int]:
+                if not demos:
+                    return self.engine.encode(prompt)
+                return self.engine.encode(f"{demonstration_blocks(demos)}\n\n{prompt}")
+
+            return completion
+        turns = [Turn(m.role, m.content) for m in request.messages]
+        single_turn = not any(t.role == "assistant" for t in turns)
+        plain = self.settings.prompt_format == "plain" and single_turn
+
+        def chat(demos: Sequence[Demonstration]) -> list[int]:
+            if not demos:
+                return self.engine.render_chat(
+                    [{"role": t.role, "content": t.content} for t in turns]
+                )
+            if plain:
+                return self.engine.encode(plain_prompt(definition, text, demos))
+            shaped = chat_turns(turns, definition, demos)
+            return self.engine.render_chat([{"role": t.role, "content": t.content} for t in shaped])
+
+        return chat
 
     def _fit_to_context(
         self, request: GenerationRequest, prompt_ids: list[int]

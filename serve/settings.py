@@ -41,8 +41,27 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         default=None, description="Name under which the model is served; default from the folder."
     )
-    store: Path | None = None
+    store: Path | None = Field(
+        default=None,
+        description="Demonstration store folder; None uses CROSSTASK_HOME/store if built.",
+    )
     adapters: Path | None = None
+    embedder: Path | None = Field(
+        default=None,
+        description="A sentence-transformers folder; None is the embedded all-MiniLM-L6-v2.",
+    )
+
+    # Retrieval.
+    default_k: int = Field(
+        default=4,
+        ge=0,
+        le=32,
+        description="Demonstrations per request when the request does not say (with a store).",
+    )
+    prompt_format: Literal["plain", "chat"] = Field(
+        default="chat",
+        description="How chat requests with demonstrations are laid out (see README).",
+    )
 
     # Access.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)

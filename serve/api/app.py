@@ -10,9 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from retrieval.retriever import Retriever
 from serve.api import exception_handlers
 from serve.api.chat_completion.api_router import router as chat_router
 from serve.api.completion.api_router import router as completion_router
+from serve.api.demonstrations.api_router import router as demonstrations_router
 from serve.api.health.api_router import router as health_router
 from serve.api.middleware import MetricsMiddleware
 from serve.api.models.api_router import router as models_router
@@ -23,19 +25,24 @@ from serve.settings import Settings
 log = logging.getLogger(__name__)
 
 EngineStarter = Callable[[EngineConfig], Engine]
+RetrieverOpener = Callable[[], Retriever | None]
 
 
-async def _start_engine(state: ServerState, start: EngineStarter) -> None:
+async def _start_engine(
+    state: ServerState, start: EngineStarter, open_retriever: RetrieverOpener
+) -> None:
     try:
-        # Loading and compiling blocks for tens of seconds; a thread keeps /health
-        # answering 503 meanwhile.
-        engine = await asyncio.to_thread(start, state.engine_config)
+        # Loading and compiling blocks for tens of seconds; threads keep /health
+        # answering 503 meanwhile, and the store opens while the engine compiles.
+        engine_task = asyncio.create_task(asyncio.to_thread(start, state.engine_config))
+        retriever = await asyncio.to_thread(open_retriever)
+        engine = await engine_task
     except Exception as exc:
-        log.exception("The engine failed to start")
+        log.exception("Start-up failed")
         state.fail(f"start-up failed: {exc}")
         state.on_fatal(1)
         return
-    state.attach(engine)
+    state.attach(engine, retriever)
     log.info(
         "Engine ready: serving %s from %s",
         state.engine_config.served_name,
@@ -57,6 +64,7 @@ def create_app(
     settings: Settings,
     engine_config: EngineConfig,
     start_engine: EngineStarter = Engine.start,
+    open_retriever: RetrieverOpener = lambda: None,
     on_fatal: Callable[[int], None] | None = None,
 ) -> FastAPI:
     state = ServerState(settings=settings, engine_config=engine_config)
@@ -65,7 +73,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        starter = asyncio.create_task(_start_engine(state, start_engine))
+        starter = asyncio.create_task(_start_engine(state, start_engine, open_retriever))
         watchdog = asyncio.create_task(_watch_engine(state))
         try:
             yield
@@ -74,6 +82,8 @@ def create_app(
                 state.status = Status.DRAINING
             watchdog.cancel()
             starter.cancel()
+            if state.retriever is not None:
+                await state.retriever.close()
             if state.engine is not None:
                 state.engine.shutdown()
 
@@ -85,7 +95,13 @@ def create_app(
     )
     app.state.crosstask = state
     exception_handlers.install(app)
-    for router in (health_router, models_router, chat_router, completion_router):
+    for router in (
+        health_router,
+        models_router,
+        chat_router,
+        completion_router,
+        demonstrations_router,
+    ):
         app.include_router(router)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     if settings.cors_origins:

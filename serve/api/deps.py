@@ -18,7 +18,7 @@ def get_state(request: Request) -> ServerState:
     return state
 
 
-def _ready(state: ServerState) -> Pipeline:
+def require_ready(state: ServerState) -> Pipeline:
     if state.status is Status.READY and state.pipeline is not None:
         return state.pipeline
     if state.status is Status.STARTING:
@@ -29,19 +29,19 @@ def _ready(state: ServerState) -> Pipeline:
 
 
 def get_pipeline(request: Request) -> Pipeline:
-    return _ready(get_state(request))
+    return require_ready(get_state(request))
 
 
 def get_chat_serving(request: Request) -> ChatServing:
     state = get_state(request)
-    _ready(state)
+    require_ready(state)
     assert state.chat is not None
     return state.chat
 
 
 def get_completion_serving(request: Request) -> CompletionServing:
     state = get_state(request)
-    _ready(state)
+    require_ready(state)
     assert state.completion is not None
     return state.completion
 

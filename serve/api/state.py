@@ -6,8 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from retrieval.retriever import Retriever
 from serve.api.chat_completion.serving import ChatServing
 from serve.api.completion.serving import CompletionServing
+from serve.api.demonstrations.serving import DemonstrationServing
 from serve.engine import Engine, EngineConfig
 from serve.metrics import Metrics
 from serve.pipeline import Pipeline
@@ -32,13 +34,18 @@ class ServerState:
     pipeline: Pipeline | None = None
     chat: ChatServing | None = None
     completion: CompletionServing | None = None
+    retriever: Retriever | None = None
+    demonstrations: DemonstrationServing | None = None
     # Called with an exit code when the server can no longer serve (engine failed to start
     # or died), so that the process exits and its supervisor restarts it.
     on_fatal: Callable[[int], None] = lambda code: None
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Engine, retriever: Retriever | None) -> None:
         self.engine = engine
-        self.pipeline = Pipeline(self.settings, engine, self.metrics)
+        self.retriever = retriever
+        if retriever is not None:
+            self.demonstrations = DemonstrationServing(retriever, self.metrics)
+        self.pipeline = Pipeline(self.settings, engine, self.metrics, retriever)
         self.chat = ChatServing(self.pipeline)
         self.completion = CompletionServing(self.pipeline)
         self.metrics.track_engine_load(engine.load)

@@ -92,7 +92,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
 
 
 class GenerationServing(Protocol[R, P]):
-    def prepare(self, request: R) -> P: ...
+    async def prepare(self, request: R) -> P: ...
 
     async def complete(self, request: R, prepared: P, request_id: str) -> BaseModel: ...
 
@@ -105,7 +105,7 @@ async def serve_generation(
     """The shape of both generation routes: prepare (errors here are plain 4xx responses),
     then stream events or await the whole result while watching for a disconnect."""
     request_id = new_id(id_prefix)
-    prepared = serving.prepare(body)
+    prepared = await serving.prepare(body)
     if stream:
         return event_stream(serving.stream(body, prepared, request_id))
     result = await unless_disconnected(raw, serving.complete(body, prepared, request_id))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,7 +66,20 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def store_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the default store: the tests write to it, the user's stays as built."""
+    from serve.prepare import prepare_defaults
+
+    defaults = prepare_defaults(_crosstask_home())
+    copy = tmp_path_factory.mktemp("store") / "store"
+    shutil.copytree(defaults.store_dir, copy, ignore=shutil.ignore_patterns("LOCK"))
+    return copy
+
+
+@pytest.fixture(scope="session")
+def server(
+    model_dir: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ)
@@ -73,6 +87,10 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         CROSSTASK_HOME=str(_crosstask_home()),
         CROSSTASK_API_KEYS="test-key-1,test-key-2",
         CROSSTASK_ADMIN_KEY="test-admin-key",
+        CROSSTASK_STORE=str(store_dir),
+        # Requests that do not ask for demonstrations get none, so the base-model tests
+        # compare like with like; retrieval tests ask explicitly.
+        CROSSTASK_DEFAULT_K="0",
     )
     command = [
         sys.executable,

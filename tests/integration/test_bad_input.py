@@ -52,10 +52,6 @@ def _assert_error(response: httpx.Response, status: int) -> dict[str, object]:
         ({"model": "M", "messages": HI, "seed": 2**70}, "seed"),
         ({"model": 5, "messages": HI}, "model"),
         (
-            {"model": "M", "messages": HI, "crosstask": {"demonstrations": {"k": 4}}},
-            "crosstask.demonstrations.k",
-        ),
-        (
             {"model": "M", "messages": HI, "crosstask": {"routing": {"mode": "merge"}}},
             "crosstask.routing.mode",
         ),

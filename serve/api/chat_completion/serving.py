@@ -46,13 +46,13 @@ class ChatServing:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
-    def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
+    async def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         check_limits(request, self.pipeline.settings, logprobs)
         max_tokens = request.effective_max_tokens()
-        return self.pipeline.prepare(
+        return await self.pipeline.prepare(
             GenerationRequest(
                 model=request.model,
                 params=request.generation_params(max_tokens, logprobs),

@@ -38,7 +38,7 @@ class CompletionServing:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
-    def prepare(self, request: CompletionRequest) -> list[PreparedRequest]:
+    async def prepare(self, request: CompletionRequest) -> list[PreparedRequest]:
         """Validate every prompt before any is generated, so a bad one fails the whole
         request instead of wasting the others' work."""
         if request.echo:
@@ -51,18 +51,22 @@ class CompletionServing:
                 f"At most {settings.max_prompts_per_request} prompts per request.",
                 param="prompt",
             )
-        return [
-            self.pipeline.prepare(
-                GenerationRequest(
-                    model=request.model,
-                    params=request.generation_params(request.max_tokens, request.logprobs),
-                    max_tokens=request.max_tokens,
-                    prompt=prompt,
-                    options=request.options(),
+        return list(
+            await asyncio.gather(
+                *(
+                    self.pipeline.prepare(
+                        GenerationRequest(
+                            model=request.model,
+                            params=request.generation_params(request.max_tokens, request.logprobs),
+                            max_tokens=request.max_tokens,
+                            prompt=prompt,
+                            options=request.options(),
+                        )
+                    )
+                    for prompt in prompts
                 )
             )
-            for prompt in prompts
-        ]
+        )
 
     async def complete(
         self, request: CompletionRequest, prepared: list[PreparedRequest], request_id: str

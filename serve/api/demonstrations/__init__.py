@@ -1,0 +1,1 @@
+"""/v1/demonstrations: add to and search the demonstration store."""

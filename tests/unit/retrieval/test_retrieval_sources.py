@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from retrieval import sources
+from retrieval.sources import (
+    BigBenchSource,
+    Example,
+    SourceError,
+    UnknownTaskError,
+    default_dev_tasks,
+    default_seen_tasks,
+    ensure_bigbench_sdist,
+    parse_task_list,
+    read_task_list,
+    task_name_for_member,
+)
+
+LONG_NI = "natural_instructions/subtask008_mctaco_wrong_answer_generation_transient_stationary"
+
+
+def test_member_names_map_to_bigbench_task_names() -> None:
+    root = "bigbench-1.0.0/bigbench/benchmark_tasks"
+    assert task_name_for_member(f"{root}/object_counting/task.json") == "object_counting"
+    assert (
+        task_name_for_member(f"{root}/arithmetic/1_digit_addition/task.json")
+        == "arithmetic/1_digit_addition"
+    )
+    assert task_name_for_member(f"{root}/object_counting/README.md") is None
+    assert task_name_for_member(f"{root}/task.json") is None
+    assert task_name_for_member("bigbench-1.0.0/bigbench/task.json") is None
+
+
+def test_names_include_subtasks_and_long_member_paths(fake_sdist: Path) -> None:
+    src = BigBenchSource(fake_sdist)
+    names = src.names()
+    assert "arithmetic/1_digit_addition" in names
+    assert "arithmetic" in names
+    assert LONG_NI in names  # Over 100 characters: stored with a long-name header.
+    assert "some_programmatic_task" not in names
+    assert "object_counting" in src
+
+
+def test_generative_targets(fake_sdist: Path) -> None:
+    task = BigBenchSource(fake_sdist).task("object_counting")
+    assert task.definition == "Questions that involve enumerating objects"
+    # The example without input and the one with only an empty target are dropped.
+    assert task.examples == [
+        Example("I have a violin and a flute. How many instruments?", "two", ["two", "2"]),
+        Example("I have a car. How many objects?", "one", ["one", "1"]),
+    ]
+
+
+def test_target_wins_over_distractor_scores(fake_sdist: Path) -> None:
+    task = BigBenchSource(fake_sdist).task("arithmetic/1_digit_addition")
+    assert task.examples[0] == Example("What is 0 plus 0?", "0", ["0"])
+
+
+def test_multiple_choice_lists_options_and_picks_best(fake_sdist: Path) -> None:
+    task = BigBenchSource(fake_sdist).task("date_understanding")
+    assert task.definition == "Infer the date from context"  # Blank task_prefix ignored.
+    first, second = task.examples
+    assert first.input == (
+        "Yesterday was April 30, 2021. What is the date today?"
+        "\nOptions:\n- 04/29/2021\n- 05/01/2021\n- 05/02/2021"
+    )
+    assert first.output == "05/01/2021"
+    assert second.output == "two"
+    assert second.targets == ["two", "four"]
+
+
+def test_multiple_choice_with_empty_input(fake_sdist: Path) -> None:
+    task = BigBenchSource(fake_sdist).task("cause_and_effect/one_sentence")
+    assert task.definition == "Which of the following sentences makes more sense?"
+    (ex,) = task.examples
+    assert ex.input.startswith("Options:\n- The child cried")
+    assert ex.output == "The child cried because it hurt its knee."
+
+
+def test_natural_instructions_definition_is_task_prefix(fake_sdist: Path) -> None:
+    task = BigBenchSource(fake_sdist).task(
+        "natural_instructions/subtask046_miscellaenous_question_typing"
+    )
+    assert task.definition.startswith("Definition: Generate the type")
+    assert task.definition.endswith("Prompt: Generate the type.")
+    assert task.examples[1].targets == ["Humans.", "Law."]
+
+
+def test_tasks_reads_many_in_one_pass(fake_sdist: Path) -> None:
+    src = BigBenchSource(fake_sdist)
+    wanted = ["object_counting", LONG_NI, "arithmetic/1_digit_addition", "object_counting"]
+    got = [t.name for t in src.tasks(wanted)]
+    assert sorted(got) == sorted(set(wanted))
+
+
+def test_unknown_names_fail_with_close_matches(fake_sdist: Path) -> None:
+    src = BigBenchSource(fake_sdist)
+    with pytest.raises(UnknownTaskError) as info:
+        list(src.tasks(["object_count", "arithmetic/1_digit_adition", "zzz_nothing_like_it"]))
+    message = str(info.value)
+    assert "did you mean: object_counting" in message
+    assert "arithmetic/1_digit_addition" in message
+    assert "'zzz_nothing_like_it'" in message
+
+
+def test_parent_task_without_examples_names_its_subtasks(fake_sdist: Path) -> None:
+    with pytest.raises(UnknownTaskError, match="arithmetic/1_digit_addition"):
+        BigBenchSource(fake_sdist).task("arithmetic")
+
+
+def test_index_is_cached_beside_the_sdist(
+    fake_sdist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    BigBenchSource(fake_sdist).names()
+    assert fake_sdist.with_name(fake_sdist.name + ".index.json").is_file()
+
+    def no_scan(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the archive was scanned again")
+
+    monkeypatch.setattr(tarfile, "open", no_scan)
+    src = BigBenchSource(fake_sdist)
+    assert src.task("object_counting").examples
+
+
+def test_index_cache_is_ignored_when_the_sdist_changes(
+    tmp_path: Path, make_sdist: Callable[..., Path]
+) -> None:
+    path = make_sdist(tmp_path / "bb.tar.gz")
+    BigBenchSource(path).names()
+    make_sdist(
+        path, {"only_task": {"description": "d", "examples": [{"input": "i", "target": "o"}]}}
+    )
+    os.utime(path, ns=(1, 1))
+    assert BigBenchSource(path).names() == ["only_task"]
+
+
+def test_damaged_index_cache_is_rebuilt(fake_sdist: Path) -> None:
+    BigBenchSource(fake_sdist).names()
+    fake_sdist.with_name(fake_sdist.name + ".index.json").write_text("{not json")
+    assert "object_counting" in BigBenchSource(fake_sdist).names()
+
+
+def test_not_a_tarball(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(SourceError):
+        BigBenchSource(bad).names()
+    with pytest.raises(SourceError):
+        BigBenchSource(tmp_path / "missing.tar.gz")
+
+
+def test_task_lists() -> None:
+    text = (
+        "# comment\nobject_counting\n\n  arithmetic/1_digit_addition  # inline\nobject_counting\n"
+    )
+    assert parse_task_list(text) == ["object_counting", "arithmetic/1_digit_addition"]
+    seen, dev = default_seen_tasks(), default_dev_tasks()
+    assert len(seen) == 100 and len(dev) == 9
+    assert not set(seen) & set(dev)
+    assert "natural_instructions/subtask001_quoref_question_generation" in seen
+
+
+def test_read_task_list(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.txt"
+    path.write_text("a\n# b\nc/d\n")
+    assert read_task_list(path) == ["a", "c/d"]
+
+
+def test_ensure_sdist_reuses_cached_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cached = tmp_path / sources.BIGBENCH_SDIST_NAME
+    cached.write_bytes(b"x")
+    monkeypatch.setattr(sources, "_run_pip", lambda argv: pytest.fail("pip was run"))
+    assert ensure_bigbench_sdist(tmp_path) == cached
+
+
+def _fake_pip(payload: bytes, calls: list[list[str]]) -> Callable[[list[str]], None]:
+    def run(argv: list[str]) -> None:
+        calls.append(argv)
+        dest = Path(argv[argv.index("-d") + 1])
+        dest.mkdir(parents=True, exist_ok=True)
+        if "bigbench==1.0.0" in argv:
+            (dest / sources.BIGBENCH_SDIST_NAME).write_bytes(payload)
+        else:  # The legacy pip wheel, fetched when this pip is too new.
+            (dest / "pip-25.2-py3-none-any.whl").write_bytes(b"zip")
+
+    return run
+
+
+def test_ensure_sdist_downloads_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    payload = b"pretend sdist"
+    calls: list[list[str]] = []
+    monkeypatch.setattr(sources, "BIGBENCH_SDIST_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(sources, "_run_pip", _fake_pip(payload, calls))
+    cache = tmp_path / "cache"
+    path = ensure_bigbench_sdist(cache)
+    assert path.read_bytes() == payload
+    assert sorted(p.name for p in cache.iterdir()) == [sources.BIGBENCH_SDIST_NAME]
+    download = next(c for c in calls if "bigbench==1.0.0" in c)
+    assert {"--no-deps", "--no-binary", ":all:"} <= set(download)
+
+
+def test_ensure_sdist_rejects_a_bad_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "_run_pip", _fake_pip(b"tampered", []))
+    with pytest.raises(SourceError, match="sha256"):
+        ensure_bigbench_sdist(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+REAL_SDIST = os.environ.get("CROSSTASK_BIGBENCH_SDIST")
+
+
+@pytest.mark.skipif(not REAL_SDIST, reason="set CROSSTASK_BIGBENCH_SDIST to the real sdist")
+def test_real_sdist_has_every_default_task() -> None:
+    assert REAL_SDIST is not None
+    src = BigBenchSource(Path(REAL_SDIST))
+    assert len(src.names()) == 1041
+    wanted = default_seen_tasks() + default_dev_tasks()
+    tasks = {t.name: t for t in src.tasks(wanted)}
+    assert set(tasks) == set(wanted)
+    for task in tasks.values():
+        assert task.definition, task.name
+        assert task.examples, task.name
+    counting = BigBenchSource(Path(REAL_SDIST)).task("object_counting")
+    assert counting.examples[0].targets == ["three", "3"]
+    ni = tasks["natural_instructions/subtask019_mctaco_temporal_reasoning_category"]
+    assert ni.definition.startswith("Definition:")
