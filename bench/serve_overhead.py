@@ -98,6 +98,8 @@ def _start(
             str(port),
         ]
     else:
+        # An empty home: no default store is found, so retrieval and routing are off.
+        env["CROSSTASK_HOME"] = str(log_dir / "empty-home")
         command = [
             sys.executable,
             "-m",

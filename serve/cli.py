@@ -375,7 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     _offline_environment()
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        # A user's mistake (unknown task, existing folder, mismatched store) or a failed
+        # setup step: one clear line, not a traceback. --log-level debug shows the rest.
+        log.debug("command failed", exc_info=True)
+        print(f"crosstask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

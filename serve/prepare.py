@@ -76,6 +76,8 @@ def build_store_cli(
     from retrieval.sources import BigBenchSource, ensure_bigbench_sdist
 
     source = BigBenchSource(sdist or ensure_bigbench_sdist(bigbench_cache(home)))
+    # Unknown names fail here, before the embedder takes ten seconds to load.
+    source.check_names([t for t in tasks if t not in set(exclude)])
     embedder = Embedder(embedder_dir)
     bar = tqdm(total=len(tasks), unit="task", disable=not sys.stderr.isatty())
 

@@ -29,7 +29,13 @@ def test_chat_turns_insert_shots_after_the_system_turn() -> None:
     assert [t.role for t in shaped] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert shaped[1].content == "Definition: Define B.\n\nInput: b-in"
     assert shaped[2].content == "b-out"
-    assert shaped[-1] == Turn("user", "q-in")
+    assert shaped[-1] == Turn("user", "Definition: Define Q.\n\nInput: q-in")
+
+
+def test_chat_turns_leave_a_conversation_as_sent() -> None:
+    turns = [Turn("user", "hi"), Turn("assistant", "hello"), Turn("user", "q-in")]
+    shaped = chat_turns(turns, "", [NEAR])
+    assert shaped[-3:] == turns
 
 
 def test_chat_turns_add_the_task_as_system_turn_when_missing() -> None:

@@ -39,7 +39,7 @@ def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> list[int]:
     return list(np.argsort(-(vectors @ query), kind="stable")[:k])
 
 
-@pytest.fixture(params=["flat", "hnsw"])
+@pytest.fixture(params=["flat", "ivf", "hnsw"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -189,7 +189,7 @@ def test_search_argument_checks(tmp_path: Path, unit_vectors: Vectors) -> None:
 
 def test_open_argument_checks(tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
-        DemonstrationStore.open(tmp_path, DIM, "ivf")
+        DemonstrationStore.open(tmp_path, DIM, "pq")
     with pytest.raises(ValidationError):
         DemonstrationStore.open(tmp_path, 0)
 
@@ -219,16 +219,37 @@ def test_exclusion_still_returns_k_hits(tmp_path: Path, unit_vectors: Vectors, k
     assert [h.id for h in hits] == expected
 
 
-def test_restrictive_filter_on_hnsw_falls_back_to_exact(
-    tmp_path: Path, unit_vectors: Vectors
+@pytest.mark.parametrize("approx", ["ivf", "hnsw"])
+def test_restrictive_filter_falls_back_to_exact(
+    tmp_path: Path, unit_vectors: Vectors, approx: str
 ) -> None:
-    # 2,000 neighbours from the excluded task, 8 allowed rows far away: graph search with
-    # a filter cannot reach them, the exact fallback must.
-    query, vectors = _clustered(unit_vectors, near=2000, far=8)
-    with DemonstrationStore.open(tmp_path, DIM, "hnsw") as store:
-        ids = store.add(demos(2000, "hot") + demos(8, "rare"), vectors)
+    # 4,000 neighbours from the excluded task, 8 allowed rows far away: neither the
+    # probed IVF lists nor an HNSW over-fetch reach them; the exact fallback must.
+    query, vectors = _clustered(unit_vectors, near=4000, far=8)
+    with DemonstrationStore.open(tmp_path, DIM, approx) as store:
+        ids = store.add(demos(4000, "hot") + demos(8, "rare"), vectors)
+        if approx == "ivf":
+            assert store._index.nlist > 8  # Probing is partial, so the fallback is real.
         hits = store.search(query, 10, min_score=-1.0, exclude_tasks=["hot"])
-    assert sorted(h.id for h in hits) == sorted(ids[2000:])
+    assert sorted(h.id for h in hits) == sorted(ids[4000:])
+
+
+def test_ivf_retrains_as_the_store_grows(tmp_path: Path, unit_vectors: Vectors) -> None:
+    vectors = unit_vectors(2000, DIM)
+    with DemonstrationStore.open(tmp_path, DIM, "ivf") as store:
+        ids = store.add(demos(100), vectors[:100])
+        small = store._index.nlist
+        ids += store.add(demos(1900, start=100), vectors[100:])
+        assert store._index.nlist >= 4 * small
+        assert store.search(vectors[1500], 1)[0].id == ids[1500]
+
+
+def test_empty_ivf_store_reopens(tmp_path: Path, unit_vectors: Vectors) -> None:
+    with DemonstrationStore.open(tmp_path, DIM, "ivf") as store:
+        assert store.search(unit_vectors(1, DIM)[0], 3) == []
+    with DemonstrationStore.open(tmp_path, DIM, "ivf") as store:
+        ids = store.add(demos(3), unit_vectors(3, DIM))
+        assert store.search(unit_vectors(3, DIM)[1], 1)[0].id == ids[1]
 
 
 def test_excluding_everything(tmp_path: Path, unit_vectors: Vectors, kind: str) -> None:
@@ -374,19 +395,19 @@ def test_reopen_with_another_index_kind_rebuilds(tmp_path: Path, unit_vectors: V
         assert store.index_kind == "hnsw"
 
 
-def test_auto_switches_to_hnsw_past_the_threshold(
+def test_auto_switches_to_ivf_past_the_threshold(
     tmp_path: Path, unit_vectors: Vectors, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_mod, "AUTO_HNSW_MIN_ROWS", 50)
+    monkeypatch.setattr(store_mod, "AUTO_APPROX_MIN_ROWS", 50)
     vectors = unit_vectors(80, DIM)
     with DemonstrationStore.open(tmp_path, DIM) as store:
         ids = store.add(demos(40), vectors[:40])
         assert store.index_kind == "flat"
         ids += store.add(demos(40, start=40), vectors[40:])
-        assert store.index_kind == "hnsw"
+        assert store.index_kind == "ivf"
         assert store.search(vectors[70], 1)[0].id == ids[70]
     with DemonstrationStore.open(tmp_path, DIM) as store:
-        assert store.index_kind == "hnsw"
+        assert store.index_kind == "ivf"
 
 
 def test_dimension_mismatch(tmp_path: Path, unit_vectors: Vectors) -> None:

@@ -86,7 +86,7 @@ def _run_and_kill(path: Path, kind: str, seed: int, run: int) -> list[tuple[int,
     return acks
 
 
-@pytest.mark.parametrize(("kind", "seed"), [("flat", 1), ("hnsw", 2), ("flat", 3)])
+@pytest.mark.parametrize(("kind", "seed"), [("flat", 1), ("ivf", 2), ("hnsw", 3)])
 def test_sigkill_during_adds_loses_nothing_acknowledged(
     tmp_path: Path, kind: str, seed: int
 ) -> None:
