@@ -7,7 +7,6 @@ a later `make serve` would take for a finished one.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from retrieval import store as store_mod
+from retrieval.durable import replace_dir
 from retrieval.query import QUERY_TEXT_VERSION, query_text
 from retrieval.sources import Example, Task
 from retrieval.store import DemonstrationStore, NewDemo
@@ -175,7 +175,7 @@ def build_store(
                 seed=str(seed),
             )
             kind = store.index_kind
-        _replace_dir(work, out)
+        replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -203,19 +203,3 @@ def _fits(task: Task, ex: Example) -> bool:
         and len(ex.output) <= store_mod.MAX_OUTPUT_CHARS
         and "\x00" not in ex.input + ex.output + task.definition
     )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing `target` is swapped out, then removed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retrieval.durable import fsync_dir
+
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_SDIST_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 # Pinned so a truncated or tampered download is never renamed into the cache.
@@ -119,7 +121,7 @@ def ensure_bigbench_sdist(cache_dir: Path) -> Path:
         with open(downloaded, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(downloaded, target)
-        _fsync_dir(cache_dir)
+        fsync_dir(cache_dir)
     return target
 
 
@@ -166,14 +168,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- task lists

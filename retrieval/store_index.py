@@ -18,15 +18,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faiss as _faiss
 import numpy as np
+
+from retrieval.durable import write_atomic
 
 # FAISS's bundled type stubs lag the library (no SearchParametersHNSW; downcast_index is
 # typed as returning the base Index), so it is used untyped here.
@@ -261,19 +261,9 @@ class VectorIndex:
         fields = _fields(header)
         digest = hashlib.sha256(payload).hexdigest()
         meta = json.dumps({**fields, "sha256": digest, "payload_len": len(payload)}).encode()
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(_MAGIC + _HEADER_LEN.pack(len(meta)) + meta)
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
+        write_atomic(
+            path, lambda fh: fh.write(_MAGIC + _HEADER_LEN.pack(len(meta)) + meta + payload)
+        )
 
     @classmethod
     def load(cls, path: Path) -> tuple[VectorIndex, IndexHeader]:
@@ -353,11 +343,3 @@ def _new_index(kind: str, dim: int) -> Any:
 def _valid(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keep = labels >= 0
     return scores[keep].astype(np.float32), labels[keep].astype(np.int64)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from retrieval.durable import fsync_tree
+
 log = logging.getLogger(__name__)
 
 FOLDER_NAME = "smollm2-135m-instruct"
@@ -94,7 +96,7 @@ def prepare_default_model(home: Path, *, force: bool = False) -> Path:
                 indent=2,
             )
         )
-        _fsync_tree(work)
+        fsync_tree(work)
         if target.exists():
             shutil.rmtree(target)
         os.replace(work, target)
@@ -148,14 +150,3 @@ def check_model(folder: Path) -> str:
             f"expected an answer naming {CHECK_ANSWER}. The conversion is broken."
         )
     return answer
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

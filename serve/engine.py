@@ -99,6 +99,7 @@ class Engine:
         """Build the engine (blocking: loads weights, compiles unless eager). Safe to call
         from a worker thread; the output loop starts on the first request."""
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         holder: list[Engine] = []
@@ -126,7 +127,10 @@ class Engine:
             config.enforce_eager,
             config.kv_cache_gb,
         )
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger])
+        # The API server's context gives the batch defaults vLLM's own server uses.
+        llm = AsyncLLM.from_engine_args(
+            args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[stat_logger]
+        )
         engine = cls(config, llm)
         holder.append(engine)
         return engine

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -32,16 +31,16 @@ import random
 import re
 import string
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol
 
+from retrieval.durable import write_atomic
 from retrieval.sources import Task
 
 if TYPE_CHECKING:
@@ -477,26 +476,9 @@ def build_report(
     return {"meta": meta, "results": results}
 
 
-def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through `write(fileobj)` into a temporary file beside `path`, then rename, so
-    a reader (or a crash) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def write_report(path: Path, report: dict[str, Any]) -> None:
     text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    _write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def prediction_lines(runs: Sequence[VariantRun]) -> Iterator[dict[str, Any]]:
@@ -522,7 +504,7 @@ def write_predictions(path: Path, runs: Sequence[VariantRun]) -> None:
         for line in prediction_lines(runs):
             fh.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
 
-    _write_atomic(path, dump)
+    write_atomic(path, dump)
 
 
 def _short_task_name(name: str, width: int = 28) -> str:
@@ -564,7 +546,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         if failed:  # Say so, or a missing bar reads as a score of 0.
             fig.text(0.01, 0.01, f"failed (see report): {', '.join(failed)}", fontsize=7)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
-        _write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+        write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     finally:
         plt.close(fig)
 
