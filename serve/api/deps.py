@@ -28,18 +28,22 @@ def require_ready(state: ServerState) -> Pipeline:
     raise unavailable(f"The engine failed: {state.failure}", code="engine_dead")
 
 
-def get_pipeline(request: Request) -> Pipeline:
+# Dependencies are `async def`: FastAPI runs a plain `def` dependency in a worker thread,
+# and under a burst of requests those thread hops delay admission to the engine.
+
+
+async def get_pipeline(request: Request) -> Pipeline:
     return require_ready(get_state(request))
 
 
-def get_chat_serving(request: Request) -> ChatServing:
+async def get_chat_serving(request: Request) -> ChatServing:
     state = get_state(request)
     require_ready(state)
     assert state.chat is not None
     return state.chat
 
 
-def get_completion_serving(request: Request) -> CompletionServing:
+async def get_completion_serving(request: Request) -> CompletionServing:
     state = get_state(request)
     require_ready(state)
     assert state.completion is not None
@@ -66,8 +70,12 @@ def _unauthorized(message: str) -> APIError:
     return APIError(message, 401, "invalid_request_error", None, "invalid_api_key")
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """Every /v1 route, when keys are configured: any API key or the admin key."""
+    check_api_key(request)
+
+
+def check_api_key(request: Request) -> None:
     settings = get_state(request).settings
     if not settings.auth_enabled:
         return
@@ -81,12 +89,12 @@ def require_api_key(request: Request) -> None:
         raise _unauthorized("Incorrect API key provided.")
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """Management writes, when keys are configured: the admin key only."""
     settings = get_state(request).settings
     if not settings.auth_enabled:
         return
-    require_api_key(request)
+    check_api_key(request)
     token = _bearer(request) or ""
     if settings.admin_key is None or not _matches(token, [settings.admin_key.get_secret_value()]):
         raise APIError(

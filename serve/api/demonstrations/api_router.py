@@ -18,7 +18,7 @@ from serve.errors import not_found
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["demonstrations"])
 
 
-def get_demonstrations(request: Request) -> DemonstrationServing:
+async def get_demonstrations(request: Request) -> DemonstrationServing:
     state = get_state(request)
     require_ready(state)
     serving = state.demonstrations
