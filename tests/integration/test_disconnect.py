@@ -17,6 +17,15 @@ def _wait_idle(server: Server, timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+def _wait_aborted(server: Server, expected: float, timeout: float = 10.0) -> None:
+    # The engine frees the slot before the server counts the abort (one await apart).
+    deadline = time.monotonic() + timeout
+    while server.metric("crosstask_requests_aborted_total") < expected:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+
+
 def _long_request(server: Server, stream: bool) -> str:
     return json.dumps(
         {
@@ -53,6 +62,7 @@ def test_streaming_disconnect_aborts(server: Server) -> None:
         assert server.metric("crosstask_requests_running") == 1
     # Connection closed mid-stream: 1500 tokens would take far longer than this wait.
     _wait_idle(server, timeout=20)
+    _wait_aborted(server, aborted_before + 1)
     assert server.metric("crosstask_requests_aborted_total") == aborted_before + 1
 
 
@@ -70,4 +80,5 @@ def test_non_streaming_disconnect_aborts(server: Server) -> None:
     except httpx.ReadTimeout:
         pass
     _wait_idle(server, timeout=20)
+    _wait_aborted(server, aborted_before + 1)
     assert server.metric("crosstask_requests_aborted_total") == aborted_before + 1
