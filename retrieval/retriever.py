@@ -76,13 +76,16 @@ class Retriever:
         await asyncio.to_thread(self.store.close)
 
 
-def open_retriever(store_dir: Path, embedder_dir: Path | None = None) -> Retriever:
+def open_retriever(
+    store_dir: Path, embedder_dir: Path | None = None, *, read_only: bool = False
+) -> Retriever:
     """Load the embedder and open the store, refusing a store embedded by another model
-    (its vectors would not be comparable with the requests')."""
+    (its vectors would not be comparable with the requests'). `read_only` searches a store
+    that a server (its one writer) may hold open."""
     # One thread: the server's CPU belongs to vLLM; more threads that keep losing their
     # core to it ran slower than one (see bench/store_build.py).
     embedder = Embedder(embedder_dir, num_threads=1)
-    store = DemonstrationStore.open(store_dir, embedder.dim)
+    store = DemonstrationStore.open(store_dir, embedder.dim, read_only=read_only)
     recorded = store.metadata().get("embedder")
     if recorded and recorded != embedder.name:
         store.close()

@@ -13,10 +13,12 @@ from typing import Any
 log = logging.getLogger("crosstask")
 
 
-def _offline_environment() -> None:
+def _process_environment() -> None:
     # Nothing may come from a model hub at run time, and vLLM must not report usage home.
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK"):
         os.environ.setdefault(name, "1")
+    # Logs go to stderr, vLLM's included: stdout carries results (batch summary, search hits).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
 def _configure_logging(level: str) -> None:
@@ -357,6 +359,211 @@ def _cmd_store_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="A Hugging Face-format model folder to serve instead of the embedded "
+        "SmolLM2-135M-Instruct (converted once into CROSSTASK_HOME).",
+    )
+    p.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        help="The name requests use in `model` (default: smollm2-135m-instruct for the "
+        "embedded model, else the folder name).",
+    )
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="Demonstration store folder (default: CROSSTASK_HOME/store if built).",
+    )
+    p.add_argument(
+        "--embedder",
+        type=Path,
+        help="sentence-transformers folder (default: embedded all-MiniLM-L6-v2).",
+    )
+    p.add_argument(
+        "--default-k",
+        dest="default_k",
+        type=int,
+        help="Demonstrations per request when a request does not say (default 4).",
+    )
+    p.add_argument("--home", type=Path, help="Cache folder (default ~/.cache/crosstask).")
+    p.add_argument(
+        "--max-model-len",
+        dest="max_model_len",
+        type=int,
+        help="Context length (default: the model's).",
+    )
+    p.add_argument(
+        "--kv-cache-gb",
+        dest="kv_cache_gb",
+        type=float,
+        help="Memory for the KV cache in GiB (default 4).",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        dest="max_num_seqs",
+        type=int,
+        help="Most sequences the engine runs at once (default: vLLM's).",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        dest="max_num_batched_tokens",
+        type=int,
+        help="Most tokens the engine schedules in one step (default: vLLM's).",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        dest="enforce_eager",
+        action="store_const",
+        const=True,
+        help="Skip compilation: starts about 3x faster, decodes slower.",
+    )
+    p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+
+
+_ENGINE_FIELDS = [
+    "model",
+    "served_model_name",
+    "store",
+    "embedder",
+    "default_k",
+    "home",
+    "max_model_len",
+    "kv_cache_gb",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enforce_eager",
+    "log_level",
+]
+
+
+def _add_batch(sub: Any) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="Run an OpenAI batch JSONL file through the engine in-process.",
+        usage="crosstask batch INPUT.jsonl OUTPUT.jsonl [--shard I/N] [options]\n"
+        "       crosstask batch merge --out OUTPUT.jsonl [--input INPUT.jsonl] SHARD.jsonl...",
+        description="Serve every line of INPUT ({custom_id, method, url, body}; url "
+        "/v1/chat/completions or /v1/completions; the crosstask extension allowed in body) "
+        "through the same request path as the server, and write one output line per input "
+        "line to OUTPUT ({id, custom_id, line, response: {status_code, request_id, body}, "
+        "error}). Output is appended as results complete: rerun with the same OUTPUT to "
+        "resume after a crash. Bad lines get an output line with `error` set and never stop "
+        "the job. `crosstask batch merge` joins shard outputs in input order. Engine options "
+        "are the server's (flags or CROSSTASK_* environment variables).",
+    )
+    p.add_argument("input", type=Path, metavar="INPUT.jsonl")
+    p.add_argument("output", type=Path, metavar="OUTPUT.jsonl")
+    p.add_argument(
+        "--shard",
+        help="I/N: serve only this process's deterministic 1/N of the lines (e.g. "
+        "$JOB_COMPLETION_INDEX/4 in a Kubernetes Indexed Job).",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        dest="max_in_flight",
+        type=int,
+        default=512,
+        help="Requests handed to the engine at once; keeps it full while bounding memory "
+        "(default 512).",
+    )
+    p.add_argument(
+        "--fail-on-error",
+        dest="fail_on_error",
+        action="store_true",
+        help="Exit 1 if any line failed (default: exit 0; failures are in the output).",
+    )
+    p.add_argument("--summary", type=Path, help="Also write the summary JSON to this file.")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="No progress bar.")
+    _add_engine_flags(p)
+    p.set_defaults(func=_cmd_batch)
+
+
+def _add_batch_merge(sub: Any) -> None:
+    # Reached as `crosstask batch merge ...` (main() routes it here).
+    p = sub.add_parser(
+        "batch-merge",
+        prog="crosstask batch merge",
+        help="Join `crosstask batch --shard` outputs in input order.",
+        description="Join shard outputs into one file ordered like the input, each line "
+        "once. With --input, fail unless every input line has its output line.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="Merged output file.")
+    p.add_argument("--input", type=Path, help="The batch input, to check completeness.")
+    p.add_argument("shards", type=Path, nargs="+", metavar="SHARD.jsonl")
+    p.set_defaults(func=_cmd_batch_merge)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from serve.batch import BatchRunner, Shard
+
+    settings = _settings(args, _ENGINE_FIELDS)
+    _configure_logging(settings.log_level)
+    shard = Shard.parse(args.shard) if args.shard else Shard()
+    if not args.input.is_file():
+        raise SystemExit(f"crosstask batch: no such input file: {args.input}")
+    engine_config = _engine_config(settings)
+    store_dir = _store_dir(settings)
+
+    async def run() -> dict[str, Any]:
+        from retrieval.retriever import open_retriever
+        from serve.api.chat_completion.serving import ChatServing
+        from serve.api.completion.serving import CompletionServing
+        from serve.engine import Engine
+        from serve.metrics import Metrics
+        from serve.pipeline import Pipeline
+
+        engine_task = asyncio.create_task(asyncio.to_thread(Engine.start, engine_config))
+        retriever = (
+            await asyncio.to_thread(open_retriever, store_dir, settings.embedder, read_only=True)
+            if store_dir is not None
+            else None
+        )
+        engine = await engine_task
+        metrics = Metrics()
+        try:
+            pipeline = Pipeline(settings, engine, metrics, retriever)
+            runner = BatchRunner(
+                ChatServing(pipeline), CompletionServing(pipeline), args.max_in_flight
+            )
+            log.info("Batch %s -> %s (shard %s)", args.input, args.output, shard)
+            summary = await runner.run(args.input, args.output, shard, args.progress)
+            report = summary.as_dict()
+            searches = metrics.registry.get_sample_value(
+                "crosstask_retrieval_latency_seconds_count"
+            )
+            if searches:
+                spent = metrics.registry.get_sample_value("crosstask_retrieval_latency_seconds_sum")
+                report["retrieval_ms_per_request"] = round(1000 * (spent or 0.0) / searches, 2)
+            return report
+        finally:
+            if retriever is not None:
+                await retriever.close()
+            engine.shutdown()
+
+    summary = asyncio.run(run())
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.summary:
+        args.summary.write_text(text + "\n")
+    return 1 if args.fail_on_error and summary["failed"] else 0
+
+
+def _cmd_batch_merge(args: argparse.Namespace) -> int:
+    import json
+
+    from serve.batch import merge_outputs
+
+    _configure_logging("info")
+    print(json.dumps(merge_outputs(args.out, args.shards, args.input), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from serve.evaluation import add_eval_parser
 
@@ -368,12 +575,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_prepare(sub)
     _add_store(sub)
+    _add_batch(sub)
+    _add_batch_merge(sub)
     add_eval_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _offline_environment()
+    _process_environment()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["batch", "merge"]:
+        argv = ["batch-merge", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

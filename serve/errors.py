@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,3 +40,25 @@ def not_found(message: str, param: str | None = None, code: str = "not_found") -
 
 def unavailable(message: str, code: str = "service_unavailable") -> APIError:
     return APIError(message, 503, "server_error", None, code)
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str | None]:
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    # Pydantic reports union members as extra path parts ("str", "list[...]"); keep the
+    # field names a client would recognise.
+    fields = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int")]
+    param = ".".join(fields) or None
+    message = str(error.get("msg", "invalid value"))
+    if error.get("type") == "json_invalid":
+        return f"The request body is not valid JSON: {error.get('ctx', {}).get('error', '')}", None
+    if error.get("type") == "model_attributes_type" and not fields:
+        return "The request body must be a JSON object.", None
+    return (f"{param}: {message}" if param else message), param
+
+
+def invalid_request(errors: Sequence[Any]) -> APIError:
+    """Pydantic validation errors (of the request body) as one 400, naming the first."""
+    message, param = _describe(errors[0]) if errors else ("Invalid request.", None)
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return APIError(message, 400, "invalid_request_error", param, "invalid_request")

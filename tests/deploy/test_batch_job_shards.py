@@ -6,7 +6,8 @@ from the container's env the way the kubelet does, JOB_COMPLETION_INDEX = i for 
 and the merge Job's args. Paths under the Jobs' volume mounts are mapped to a temporary
 folder; `crosstask` (the image's ENTRYPOINT) runs as a subprocess with the local defaults
 (`crosstask prepare`). CROSSTASK_MAX_NUM_SEQS=1 decodes one request at a time, so greedy
-outputs do not depend on which requests share a batch, i.e. on the sharding.
+outputs do not depend on which requests share a batch, i.e. on the sharding; eager mode
+and a small KV cache keep the six engine start-ups short.
 """
 
 from __future__ import annotations
@@ -145,7 +146,13 @@ def test_sharded_job_merges_to_the_unsharded_output(tmp_path: Path):
     # store/adapter paths point into volumes that exist only in the cluster).
     literal = {name: e["value"] for name, e in env_map(shard).items() if "value" in e}
     used = set().union(*(referenced_vars(a) for a in shard["args"]))
-    base_env = {"CROSSTASK_MAX_NUM_SEQS": "1"}
+    # Eager mode and a small cache: six engine start-ups, compiled, would take CI minutes.
+    base_env = {
+        "CROSSTASK_MAX_NUM_SEQS": "1",
+        "CROSSTASK_ENFORCE_EAGER": "true",
+        "CROSSTASK_KV_CACHE_GB": "1",
+        "CROSSTASK_MAX_MODEL_LEN": "4096",
+    }
 
     lines = input_lines()
     input_arg = map_paths([expand_k8s(shard["args"][1], literal)], shard["volumeMounts"], tmp_path)[
