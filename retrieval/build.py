@@ -7,14 +7,17 @@ a later `make serve` would take for a finished one.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from queue import Full, Queue
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -24,6 +27,13 @@ from retrieval.query import QUERY_TEXT_VERSION, query_text
 from retrieval.sources import Example, Task
 from retrieval.store import DemonstrationStore, NewDemo
 
+T = TypeVar("T")
+
+# Sampled tasks read ahead of the embedder. Only the picked examples are kept (a whole
+# task holds up to tens of thousands), so the reader can run far ahead: one chunk of
+# DEFAULT_CHUNK examples spans about 17 tasks at 60 a task, and a reader only 4 ahead
+# spent most of each chunk's embedding waiting.
+PREFETCH_TASKS = 64
 # Examples embedded and added per round trip. Large enough that length bucketing inside
 # one encode() call finds texts of similar length; small enough for steady progress.
 DEFAULT_CHUNK = 1024
@@ -62,6 +72,16 @@ class BuildReport:
     embed_seconds: float
     examples_per_s: float
     index_kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Sampled:
+    """What the build keeps of a task once the reader thread has sampled it."""
+
+    name: str
+    definition: str
+    skipped: int
+    picked: list[Example]
 
 
 def usable_examples(task: Task) -> list[Example]:
@@ -133,38 +153,57 @@ def build_store(
                 done += len(pending)
                 pending.clear()
 
-            for task in source.tasks(names):
-                usable = usable_examples(task)
-                skipped += len(task.examples) - len(usable)
-                picked = sample_examples(task, per_task, seed)
-                for ex in picked:
-                    pending.append(
-                        NewDemo(
-                            task=task.name,
-                            definition=task.definition,
-                            input=ex.input,
-                            output=ex.output,
-                            source=source_name,
-                        )
+            # Reading (gunzip, JSON, sampling) runs in a thread beside the embedding:
+            # zlib and the embedder release the GIL, so reading, about 6 s of the seen
+            # tasks' build on 2 cores, mostly hides behind embedding.
+            sampled = prefetched(
+                (
+                    _Sampled(
+                        task.name,
+                        task.definition,
+                        len(task.examples) - len(usable_examples(task)),
+                        sample_examples(task, per_task, seed),
                     )
-                    if len(pending) >= chunk:
-                        flush()
-                tasks_done += 1
-                if progress is not None:
-                    elapsed = time.perf_counter() - started
-                    progress(
-                        BuildProgress(
-                            task=task.name,
-                            tasks_done=tasks_done,
-                            tasks_total=len(names),
-                            examples_done=done,
-                            elapsed_s=elapsed,
-                            examples_per_s=done / elapsed if elapsed > 0 else 0.0,
+                    for task in source.tasks(names)
+                ),
+                depth=PREFETCH_TASKS,
+            )
+            with contextlib.closing(sampled):  # An error here stops the reader too.
+                for task in sampled:
+                    skipped += task.skipped
+                    for ex in task.picked:
+                        pending.append(
+                            NewDemo(
+                                task=task.name,
+                                definition=task.definition,
+                                input=ex.input,
+                                output=ex.output,
+                                source=source_name,
+                            )
                         )
-                    )
+                        if len(pending) >= chunk:
+                            flush()
+                    tasks_done += 1
+                    if progress is not None:
+                        elapsed = time.perf_counter() - started
+                        progress(
+                            BuildProgress(
+                                task=task.name,
+                                tasks_done=tasks_done,
+                                tasks_total=len(names),
+                                examples_done=done,
+                                elapsed_s=elapsed,
+                                examples_per_s=done / elapsed if elapsed > 0 else 0.0,
+                            )
+                        )
             flush()
             store.set_metadata(
-                embedder=str(getattr(embedder, "name", type(embedder).__name__)),
+                **{
+                    "embedder": str(getattr(embedder, "name", type(embedder).__name__)),
+                    # Backend and quantization: what the server must embed queries with
+                    # for its vectors to compare (open_retriever).
+                    **dict(getattr(embedder, "identity", {})),
+                },
                 embedder_dim=str(embedder.dim),
                 embedder_max_seq_length=str(getattr(embedder, "max_seq_length", "")),
                 embedder_dtype=str(getattr(embedder, "dtype", "")),
@@ -190,6 +229,49 @@ def build_store(
         examples_per_s=done / seconds if seconds > 0 else 0.0,
         index_kind=kind,
     )
+
+
+def prefetched(items: Iterator[T], depth: int) -> Generator[T, None, None]:
+    """`items`, produced up to `depth` ahead by a background thread. An exception in the
+    producer is raised here; closing this generator early stops the producer."""
+    queue: Queue[tuple[str, Any]] = Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put((kind, value), timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put("item", item):
+                    return
+            put("end", None)
+        except BaseException as exc:
+            put("error", exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # A generator's cleanup (e.g. an open file) runs in its own thread.
+
+    worker = threading.Thread(target=produce, name="store-build-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _fits(task: Task, ex: Example) -> bool:

@@ -88,6 +88,30 @@ def chat_turns(
     return head + shots + rest
 
 
+def request_prompt(
+    turns: Sequence[Turn],
+    definition: str,
+    text: str,
+    demos: Sequence[Demonstration],
+    prompt_format: str,
+) -> str | list[Turn]:
+    """What the model is shown for a chat request: the turns to render with the chat
+    template, or one text to encode as it stands (`plain` format, a single-turn request
+    with demonstrations). `definition` and `text` are the request's task definition and
+    last user message.
+
+    The one place this decision is made, shared by the server and adapter training: an
+    adapter trained on prompts laid out any other way would be trained for a prompt it
+    never sees.
+    """
+    if not demos:
+        return list(turns)
+    single_turn = not any(t.role == "assistant" for t in turns)
+    if prompt_format == "plain" and single_turn:
+        return plain_prompt(definition, text, demos)
+    return chat_turns(turns, definition, demos)
+
+
 def fit(
     demos: Sequence[Demonstration], render: Callable[[Sequence[Demonstration]], int], budget: int
 ) -> tuple[list[Demonstration], int]:

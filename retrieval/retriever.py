@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from retrieval.embedder import Embedder
+from retrieval.embedder import (
+    Embedder,
+    EmbedderMismatchError,
+    check_store_metadata,
+    store_backend,
+)
 from retrieval.query import QUERY_TEXT_VERSION
-from retrieval.store import DemonstrationStore, Hit, StoreError
+from retrieval.store import DB_FILE, DemonstrationStore, Hit, StoreError
 
 
 @dataclass
@@ -77,22 +83,32 @@ class Retriever:
 
 
 def open_retriever(
-    store_dir: Path, embedder_dir: Path | None = None, *, read_only: bool = False
+    store_dir: Path,
+    embedder_dir: Path | None = None,
+    *,
+    read_only: bool = False,
+    backend: str | None = None,
+    quantize: str | None = None,
 ) -> Retriever:
     """Load the embedder and open the store, refusing a store embedded by another model
-    (its vectors would not be comparable with the requests'). `read_only` searches a store
-    that a server (its one writer) may hold open."""
+    or with other weights (its vectors would not be comparable with the requests').
+    `read_only` searches a store that a server (its one writer) may hold open.
+
+    The embedder runs the backend and quantization the store records (`backend` and
+    `quantize` None); given explicitly, a conflicting pair is refused."""
+    recorded_backend, recorded_quantize = store_backend(recorded_metadata(store_dir))
+    backend = backend or recorded_backend
+    if quantize is None:
+        quantize = recorded_quantize if backend == recorded_backend else "none"
     # One thread: the server's CPU belongs to vLLM; more threads that keep losing their
     # core to it ran slower than one (see bench/store_build.py).
-    embedder = Embedder(embedder_dir, num_threads=1)
+    embedder = Embedder(embedder_dir, num_threads=1, backend=backend, quantize=quantize)
     store = DemonstrationStore.open(store_dir, embedder.dim, read_only=read_only)
-    recorded = store.metadata().get("embedder")
-    if recorded and recorded != embedder.name:
+    try:
+        check_store_metadata(store.metadata(), embedder, str(store_dir))
+    except EmbedderMismatchError as exc:
         store.close()
-        raise StoreError(
-            f"The store {store_dir} was embedded with {recorded!r}, but the embedder is "
-            f"{embedder.name!r}: rebuild the store or pass the matching --embedder."
-        )
+        raise StoreError(str(exc)) from exc
     version = store.metadata().get("query_text_version")
     if version and version != str(QUERY_TEXT_VERSION):
         store.close()
@@ -101,3 +117,19 @@ def open_retriever(
             f"{QUERY_TEXT_VERSION}. Rebuild it with `crosstask store build`."
         )
     return Retriever(embedder, store)
+
+
+def recorded_metadata(store_dir: Path) -> dict[str, str]:
+    """The store's metadata, read before its embedder exists (opening the store needs the
+    embedder's width); empty if there is no store there yet."""
+    db = Path(store_dir) / DB_FILE
+    if not db.is_file():
+        return {}
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return {}  # DemonstrationStore.open reports a damaged database properly.

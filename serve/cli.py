@@ -75,7 +75,13 @@ def _add_serve(sub: Any) -> None:
         type=int,
         help="Demonstrations per request when a request does not say (default 4).",
     )
-    p.add_argument("--adapters", type=Path, help="Adapter library folder.")
+    p.add_argument(
+        "--adapters",
+        type=Path,
+        help="Adapter library folder: PEFT LoRA folders (with crosstask_adapter.json to be "
+        "routed); runtime loads are confined below it (default: the library shipped with "
+        "crosstask, routing/library).",
+    )
     p.add_argument(
         "--api-key",
         dest="api_keys",
@@ -144,7 +150,56 @@ def _engine_config(settings: Any) -> Any:
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
+        enable_lora=_adapters_dir(settings) is not None,
+        max_loras=settings.max_loras,
+        max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
+        max_lora_rank=settings.max_lora_rank,
     )
+
+
+def _adapters_dir(settings: Any) -> Path | None:
+    """--adapters, else the default library shipped with crosstask (None: no LoRA)."""
+    from routing.service import default_library
+
+    if settings.adapters is not None:
+        folder = settings.adapters.expanduser().resolve()
+        if not folder.is_dir():
+            raise SystemExit(f"--adapters {folder}: no such folder")
+        return Path(folder)
+    return default_library()
+
+
+def _routing_opener(settings: Any, engine_config: Any) -> Any:
+    """The app's RoutingOpener: registry, router and merge cache over the adapters folder."""
+    from routing.router import RouterConfig
+    from routing.service import build_routing
+
+    root = _adapters_dir(settings)
+
+    def open_routing(engine: Any, retriever: Any) -> Any:
+        if root is None:
+            return None
+        config = RouterConfig(
+            single_min=settings.router_single_min,
+            single_margin=settings.router_single_margin,
+            merge_min=settings.router_merge_min,
+            top_k=settings.router_top_k,
+            temperature=settings.router_temperature,
+            fallback=settings.router_fallback,
+        )
+        return build_routing(
+            root,
+            engine_config.model_dir,
+            engine_config.served_name,
+            settings.home_dir / "merges",
+            config,
+            settings.max_lora_rank,
+            settings.merge_cache_size,
+            retriever.embedder.name if retriever is not None else None,
+            on_evict=engine.remove_lora,
+        )
+
+    return open_routing
 
 
 def _store_dir(settings: Any) -> Path | None:
@@ -170,6 +225,8 @@ def _store_dir(settings: Any) -> Path | None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
     import uvicorn
 
     from retrieval.retriever import Retriever, open_retriever
@@ -195,11 +252,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ],
     )
     _configure_logging(settings.log_level)
-    if settings.adapters is not None:
-        raise SystemExit(
-            "--adapters was given, but this build has no adapter library support yet; "
-            "it serves the base model with retrieved demonstrations."
-        )
     engine_config = _engine_config(settings)
     store_dir = _store_dir(settings)
     if settings.auth_enabled:
@@ -213,7 +265,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def fatal(code: int) -> None:
         nonlocal exit_code
         exit_code = code
-        server.should_exit = True
+        # Nothing in flight can succeed without the engine: exit soon, for the supervisor,
+        # but keep listening a moment so that probes read the 503 rather than a refusal.
+        server.config.timeout_graceful_shutdown = min(FATAL_GRACE_SECONDS, config_grace)
+
+        def stop() -> None:
+            server.should_exit = True
+
+        asyncio.get_running_loop().call_later(FATAL_LINGER_SECONDS, stop)
 
     def open_store() -> Retriever | None:
         if store_dir is None:
@@ -229,7 +288,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
         return retriever
 
-    app = create_app(settings, engine_config, open_retriever=open_store, on_fatal=fatal)
+    app = create_app(
+        settings,
+        engine_config,
+        open_retriever=open_store,
+        open_routing=_routing_opener(settings, engine_config),
+        on_fatal=fatal,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -238,7 +303,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.drain_seconds),
         access_log=False,
     )
-    server = uvicorn.Server(config)
+    config_grace = int(settings.drain_seconds)
+    server = _draining_server(config, app, settings.drain_seconds)
     log.info(
         "Listening on http://%s:%d (health 503 until the engine is ready)",
         settings.host,
@@ -246,6 +312,58 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     server.run()
     return exit_code
+
+
+# After the engine died: how long /health keeps answering 503 before the listener closes,
+# and how long responses still being sent then get.
+FATAL_LINGER_SECONDS = 2.0
+FATAL_GRACE_SECONDS = 5
+
+
+def _draining_server(config: Any, app: Any, drain_seconds: float) -> Any:
+    """A uvicorn server on which SIGTERM (or a first Ctrl-C) drains before stopping:
+    /health and new /v1 requests answer 503 at once while the listener stays open (so
+    clients and load balancers are told, not refused), the requests in flight, streams
+    included, get up to `drain_seconds` to finish, then the server stops and the process
+    exits 0. A second signal stops at once."""
+    import asyncio
+    import math
+    from types import FrameType
+
+    import uvicorn
+
+    from serve.api.app import drain
+
+    class DrainingServer(uvicorn.Server):
+        _loop: asyncio.AbstractEventLoop | None = None
+        _draining = False
+        _drain_task: asyncio.Task[None] | None = None
+
+        async def startup(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Deliberately not uvicorn's: it records the signal and re-raises it after
+            # shutdown, so a clean drain would still end as "killed by SIGTERM".
+            if self._draining or self._loop is None:
+                self.force_exit = self._draining
+                self.should_exit = True
+                return
+            self._draining = True
+            log.info("Signal %d: draining (a second signal stops at once)", sig)
+            self._loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            self._drain_task = asyncio.ensure_future(self._drain())
+
+        async def _drain(self) -> None:
+            left = await drain(app.state.crosstask, drain_seconds)
+            # What is left of the grace period goes to responses still being sent.
+            self.config.timeout_graceful_shutdown = max(1, math.ceil(left))
+            self.should_exit = True
+
+    return DrainingServer(config)
 
 
 def _add_prepare(sub: Any) -> None:
@@ -295,6 +413,20 @@ def _add_store(sub: Any) -> None:
     )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--embedder", type=Path, help="sentence-transformers folder.")
+    b.add_argument(
+        "--embedder-backend",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="auto (default): ONNX Runtime with int8 weights where onnxruntime is installed "
+        "and the export (cached in the home folder) matches torch, else torch. The store "
+        "records it; the server embeds queries the same way.",
+    )
+    b.add_argument(
+        "--embedder-quantize",
+        choices=("none", "int8"),
+        default=None,
+        help="Weights of the onnx backend (default int8; none = float32).",
+    )
     b.add_argument("--bigbench-sdist", type=Path, help="bigbench-1.0.0.tar.gz to read.")
     b.add_argument("--overwrite", action="store_true", help="Replace an existing store.")
     b.add_argument("--home", type=Path, help="Cache folder (default ~/.cache/crosstask).")
@@ -326,6 +458,8 @@ def _cmd_store_build(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         sdist=args.bigbench_sdist,
+        backend=args.embedder_backend,
+        quantize=args.embedder_quantize,
     )
     return 0
 
@@ -360,6 +494,11 @@ def _cmd_store_search(args: argparse.Namespace) -> int:
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adapters",
+        type=Path,
+        help="Adapter library folder (default: the library shipped with crosstask).",
+    )
     p.add_argument(
         "--model",
         type=Path,
@@ -425,6 +564,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 _ENGINE_FIELDS = [
     "model",
+    "adapters",
     "served_model_name",
     "store",
     "embedder",
@@ -525,9 +665,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             else None
         )
         engine = await engine_task
+        routing = await asyncio.to_thread(
+            _routing_opener(settings, engine_config), engine, retriever
+        )
         metrics = Metrics()
         try:
-            pipeline = Pipeline(settings, engine, metrics, retriever)
+            pipeline = Pipeline(settings, engine, metrics, retriever, routing)
             runner = BatchRunner(
                 ChatServing(pipeline), CompletionServing(pipeline), args.max_in_flight
             )

@@ -4,6 +4,7 @@ prefix caching, streaming) and speaks plain dataclasses to the rest of crosstask
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,28 @@ class EngineConfig:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
+    # LoRA through vLLM's multi-LoRA support. Every slot is zero-padded to max_lora_rank
+    # (about 1.2 MB per rank per slot for SmolLM2-135M in float32: 8 x 32 -> 0.3 GB), and
+    # vLLM's own CPU ops compute at that padded rank; serve/lora_cpu.py computes at each
+    # adapter's real rank, so the padding costs memory only.
+    enable_lora: bool = False
+    # Distinct adapters in one batch: the router's specialists plus a merge or two mixed at
+    # 64 concurrent requests (the issue's target mixes 8).
+    max_loras: int = 8
+    # Adapters kept loaded in worker memory (LRU); beyond it vLLM reloads from disk. The
+    # default library (6-10 specialists and a generalist) plus cached merges fit.
+    max_cpu_loras: int = 32
+    # One of vLLM's allowed values (8, 16, 32, 64, ...). 32: an exact merge (concatenated
+    # factors) of up to four rank-8 adapters fits without truncation.
+    max_lora_rank: int = 32
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """A LoRA adapter to generate with: the name clients use and its PEFT folder."""
+
+    name: str
+    path: Path
 
 
 @dataclass
@@ -73,6 +96,18 @@ class InvalidParamsError(ValueError):
     """Sampling settings the engine refuses."""
 
 
+class LoraLoadError(ValueError):
+    """vLLM would not load an adapter: LoRA off, missing or broken files, a rank above
+    max_lora_rank, modules the base model lacks, or unloaded while being loaded."""
+
+
+@dataclass
+class _LoraEntry:
+    lora_id: int
+    path: Path
+    loaded: bool = False
+
+
 def _resolve_dtype(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -93,6 +128,16 @@ class Engine:
         self.max_model_len: int = int(llm.model_config.max_model_len)
         self._load_lock = threading.Lock()
         self._load: tuple[int, int] = (0, 0)
+        # LoRA names -> vLLM's int ids. Ids are never reused: vLLM caches weights by id, so
+        # a name re-loaded (perhaps from another folder) must not hit the old weights.
+        self._lora_lock = threading.Lock()
+        self._loras: dict[str, _LoraEntry] = {}
+        self._next_lora_id = 1
+        # Requests running per id, and ids unloaded while some still ran: those leave
+        # vLLM when their last request ends (vLLM would otherwise reload them mid-request
+        # from a folder that may be gone, and a failed load inside a step kills the engine).
+        self._lora_running: dict[int, int] = {}
+        self._lora_retired: set[int] = set()
 
     @classmethod
     def start(cls, config: EngineConfig) -> Engine:
@@ -119,6 +164,7 @@ class Engine:
             enable_prefix_caching=config.enable_prefix_caching,
             trust_remote_code=False,
             disable_log_stats=True,
+            **_lora_args(config),
         )
         log.info(
             "Starting vLLM on %s (dtype %s, eager %s, KV cache %.1f GiB)",
@@ -168,24 +214,143 @@ class Engine:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     async def generate(
-        self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        request_id: str,
+        lora: LoraTarget | None = None,
     ) -> AsyncIterator[list[OutputDelta]]:
         """Yield the deltas of each engine step until every choice has finished. Closing the
-        iterator early (client gone) aborts the request inside vLLM."""
+        iterator early (client gone) aborts the request inside vLLM. With `lora`, generate
+        with that adapter (loaded first if need be; LoraLoadError if vLLM refuses it)."""
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
         sampling = self._sampling_params(params)
-        stream = self._llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id
-        )
+        lora_request = await self._acquire_lora(lora) if lora is not None else None
         try:
-            async for output in stream:
-                yield [self._delta(o, params.logprobs) for o in output.outputs]
-        except VllmEngineDeadError as exc:
-            raise EngineDeadError(str(exc) or "the engine died") from exc
+            stream = self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_token_ids),
+                sampling,
+                request_id,
+                lora_request=lora_request,
+            )
+            try:
+                async for output in stream:
+                    yield [self._delta(o, params.logprobs) for o in output.outputs]
+            except VllmEngineDeadError as exc:
+                raise EngineDeadError(str(exc) or "the engine died") from exc
+            finally:
+                await stream.aclose()
         finally:
-            await stream.aclose()
+            if lora_request is not None:
+                await self._release_lora(lora_request.lora_int_id)
+
+    # -- LoRA ---------------------------------------------------------------------------
+
+    async def add_lora(self, target: LoraTarget) -> None:
+        """Load an adapter into vLLM now (its files read and checked in the worker), so a
+        broken one is refused here, as LoraLoadError, rather than at its first request."""
+        await self._ensure_lora(target)
+
+    async def remove_lora(self, name: str) -> bool:
+        """Forget the adapter `name` and drop it from vLLM's caches (at once, or when its
+        running requests end). False when no adapter of that name was in use. To serve new
+        files under the same name and folder, remove it first: the next request loads anew."""
+        with self._lora_lock:
+            entry = self._loras.pop(name, None)
+            if entry is None:
+                return False
+            if self._lora_running.get(entry.lora_id, 0) > 0:
+                self._lora_retired.add(entry.lora_id)
+                return True
+        if not self.errored:  # a dead engine holds nothing to drop
+            await self._llm.remove_lora(entry.lora_id)
+        return True
+
+    def lora_names(self) -> list[str]:
+        """The adapters this engine has been asked for and not told to remove."""
+        with self._lora_lock:
+            return sorted(self._loras)
+
+    def _lora_request(self, name: str, entry: _LoraEntry) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        # vLLM compares LoRARequests by name (its batches hold sets of them) and keys prefix
+        # cache blocks by (name, path): the id in the name keeps a re-loaded adapter, or a
+        # retired one still finishing its requests, from being mistaken for the other.
+        return LoRARequest(
+            lora_name=f"{name}#{entry.lora_id}",
+            lora_int_id=entry.lora_id,
+            lora_path=str(entry.path),
+        )
+
+    def _lora_entry(self, target: LoraTarget) -> tuple[_LoraEntry, int | None]:
+        """The entry for `target` (a new id when the name is new or its folder changed) and
+        the id it replaced, if any. Caller holds the lock."""
+        entry = self._loras.get(target.name)
+        if entry is not None and entry.path == target.path:
+            return entry, None
+        replaced = entry.lora_id if entry is not None else None
+        entry = _LoraEntry(lora_id=self._next_lora_id, path=target.path)
+        self._next_lora_id += 1
+        self._loras[target.name] = entry
+        return entry, replaced
+
+    async def _ensure_lora(self, target: LoraTarget) -> Any:
+        if not self.config.enable_lora:
+            raise LoraLoadError("LoRA adapters are not enabled on this engine")
+        with self._lora_lock:
+            entry, replaced = self._lora_entry(target)
+            loaded = entry.loaded
+            if replaced is not None and self._lora_running.get(replaced, 0) > 0:
+                self._lora_retired.add(replaced)
+                replaced = None
+        if replaced is not None:
+            await self._llm.remove_lora(replaced)
+        request = self._lora_request(target.name, entry)
+        if loaded:
+            return request
+        try:
+            # Concurrent first requests may both get here; vLLM loads once, answers both.
+            await self._llm.add_lora(request)
+        except Exception as exc:
+            with self._lora_lock:
+                if self._loras.get(target.name) is entry:
+                    del self._loras[target.name]
+            raise LoraLoadError(
+                f"adapter {target.name!r} could not be loaded: {_worker_error(exc)}"
+            ) from exc
+        with self._lora_lock:
+            entry.loaded = True
+        return request
+
+    async def _acquire_lora(self, target: LoraTarget) -> Any:
+        request = await self._ensure_lora(target)
+        with self._lora_lock:
+            # Unloaded while it was being loaded: refuse rather than run a request whose
+            # adapter is on its way out.
+            if self._loras.get(target.name) is None or (
+                self._loras[target.name].lora_id != request.lora_int_id
+            ):
+                raise LoraLoadError(f"adapter {target.name!r} was unloaded")
+            self._lora_running[request.lora_int_id] = (
+                self._lora_running.get(request.lora_int_id, 0) + 1
+            )
+        return request
+
+    async def _release_lora(self, lora_id: int) -> None:
+        with self._lora_lock:
+            running = self._lora_running.get(lora_id, 0) - 1
+            if running > 0:
+                self._lora_running[lora_id] = running
+                return
+            self._lora_running.pop(lora_id, None)
+            if lora_id not in self._lora_retired:
+                return
+            self._lora_retired.discard(lora_id)
+        if not self.errored:
+            await self._llm.remove_lora(lora_id)
 
     def check_params(self, params: GenerationParams) -> None:
         """Raise InvalidParamsError for settings vLLM refuses (say n > 1 with greedy
@@ -252,6 +417,43 @@ class Engine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _worker_error(exc: BaseException) -> str:
+    """The worker's own message out of vLLM's wrapping ("Call to add_lora method failed:
+    Worker failed with error '...', please check the stack trace above ..."): the stack trace
+    is in the server's log, not the client's."""
+    text = str(exc)
+    match = re.search(r"Worker failed with error '(.*)', please check", text, re.DOTALL)
+    return match.group(1) if match else text
+
+
+def _lora_args(config: EngineConfig) -> dict[str, Any]:
+    """vLLM's LoRA engine arguments; none when LoRA is off (vLLM's defaults then)."""
+    if not config.enable_lora:
+        return {}
+    if config.max_cpu_loras < config.max_loras:
+        raise ValueError(
+            f"max_cpu_loras ({config.max_cpu_loras}) must be at least max_loras "
+            f"({config.max_loras})"
+        )
+    from serve.lora_cpu import ENV_SWITCH, fast_lora_enabled
+
+    # The fast path itself is installed in vLLM's worker by the vllm.general_plugins entry
+    # point (serve/lora_cpu.py); this only says which one the worker will use.
+    log.info(
+        "LoRA on: max_loras %d, max_cpu_loras %d, max_lora_rank %d, fast CPU LoRA path %s",
+        config.max_loras,
+        config.max_cpu_loras,
+        config.max_lora_rank,
+        "on" if fast_lora_enabled() else f"off ({ENV_SWITCH}=0)",
+    )
+    return {
+        "enable_lora": True,
+        "max_loras": config.max_loras,
+        "max_cpu_loras": config.max_cpu_loras,
+        "max_lora_rank": config.max_lora_rank,
+    }
 
 
 class _LoadLogger:

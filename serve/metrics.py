@@ -60,9 +60,15 @@ class Metrics:
             "Requests queued in the engine, not yet running.",
             registry=r,
         )
+        self.embedding_latency = Histogram(
+            "crosstask_embedding_latency_seconds",
+            "Embedding a request's query (once, shared by retrieval and the router).",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+            registry=r,
+        )
         self.retrieval_latency = Histogram(
             "crosstask_retrieval_latency_seconds",
-            "Embedding the request's query and searching the demonstration store.",
+            "Searching the demonstration store with a request's query embedding.",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
             registry=r,
         )
@@ -73,6 +79,33 @@ class Metrics:
             registry=r,
         )
         self.store_size = Gauge("crosstask_store_size", "Demonstrations in the store.", registry=r)
+        self.routing_requests = Counter(
+            "crosstask_routing_requests",
+            "Generation requests by the routing mode served (off, adapter, merge).",
+            ["mode"],
+            registry=r,
+        )
+        self.adapter_requests = Counter(
+            "crosstask_adapter_requests",
+            "Generation requests served with each adapter (alone or in a merge).",
+            ["adapter"],
+            registry=r,
+        )
+        self.merge_cache_hits = Counter(
+            "crosstask_merge_cache_hits", "Merged adapters found in the merge cache.", registry=r
+        )
+        self.merge_cache_misses = Counter(
+            "crosstask_merge_cache_misses", "Merged adapters built on demand.", registry=r
+        )
+        self.merge_build_seconds = Histogram(
+            "crosstask_merge_build_seconds",
+            "Building one merged adapter (load, merge, write).",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.adapters_loaded = Gauge(
+            "crosstask_adapters_loaded", "Adapters registered with the server.", registry=r
+        )
         self.engine_ready = Gauge(
             "crosstask_engine_ready", "1 once the engine serves requests, else 0.", registry=r
         )

@@ -12,22 +12,26 @@ import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from retrieval.prompt import (
     Demonstration,
     Turn,
-    chat_turns,
     demonstration_blocks,
     fit,
-    plain_prompt,
+    request_prompt,
 )
 from retrieval.query import query_text
 from retrieval.retriever import Retriever
 from retrieval.store import Hit
+from routing.service import RoutingError, RoutingRequest, RoutingService
 from serve.engine import (
     Engine,
     EngineDeadError,
     GenerationParams,
     InvalidParamsError,
+    LoraLoadError,
+    LoraTarget,
     OutputDelta,
     TokenLogprob,
 )
@@ -99,6 +103,7 @@ class PreparedRequest:
     params: GenerationParams
     annotation: Annotation
     received_at: float
+    lora: LoraTarget | None = None
 
 
 @dataclass
@@ -125,11 +130,13 @@ class Pipeline:
         engine: Engine,
         metrics: Metrics,
         retriever: Retriever | None = None,
+        routing: RoutingService | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
         self.retriever = retriever
+        self.routing = routing
         self.started_at = time.time()
 
     @property
@@ -142,10 +149,18 @@ class Pipeline:
         received_at = time.monotonic()
         self._check_model(request.model)
         k = self._demonstration_count(request)
+        routing_request = self._routing_request(request)
+        wants_query = (
+            self.routing is not None
+            and routing_request is not None
+            and self.routing.needs_query(routing_request)
+        )
+        # One embedding per request, shared by retrieval and the router.
+        vector = await self._embed(request) if k > 0 or wants_query else None
         demos: list[Hit] = []
-        if k > 0:
-            demos = await self._retrieve(request, k)
-        routing = RoutingDecision(mode="off")
+        if k > 0 and vector is not None:
+            demos = await self._search(request, vector, k)
+        plan_mode, plan_adapters, lora = await self._route(routing_request, vector)
         prompt_ids, demos = self._assemble(request, demos)
         params = self._fit_to_context(request, prompt_ids)
         if demos:
@@ -155,16 +170,63 @@ class Pipeline:
             params=params,
             annotation=Annotation(
                 demonstrations=[DemonstrationRef(h.id, h.task, h.score) for h in demos],
-                routing=routing,
+                routing=RoutingDecision(plan_mode, plan_adapters),
             ),
             received_at=received_at,
+            lora=lora,
         )
 
+    def _routing_request(self, request: GenerationRequest) -> RoutingRequest | None:
+        if self.routing is None:
+            return None
+        options = request.options
+        return RoutingRequest(
+            model=request.model,
+            mode=options.routing_mode,
+            adapters=options.adapters,
+            weights=options.weights,
+            top_k=options.top_k,
+            exclude_tasks=options.exclude_tasks,
+        )
+
+    async def _route(
+        self, routing_request: RoutingRequest | None, vector: np.ndarray | None
+    ) -> tuple[str, list[tuple[str, float]], LoraTarget | None]:
+        if self.routing is None or routing_request is None:
+            return "off", [], None
+        if self.routing.needs_query(routing_request) and self.retriever is None:
+            raise bad_request(
+                "Routing with `auto` compares the request's embedding with the adapters'; "
+                "this server has no embedder (no demonstration store) configured.",
+                param="crosstask.routing.mode",
+                code="unsupported_value",
+            )
+        try:
+            plan = await self.routing.plan(routing_request, vector)
+        except RoutingError as exc:
+            status = 404 if exc.code == "adapter_not_found" else 400
+            raise APIError(str(exc), status, "invalid_request_error", exc.param, exc.code) from None
+        self.metrics.routing_requests.labels(plan.mode).inc()
+        for name, _ in plan.adapters:
+            self.metrics.adapter_requests.labels(name).inc()
+        if plan.merge_hit is not None:
+            if plan.merge_hit:
+                self.metrics.merge_cache_hits.inc()
+            else:
+                self.metrics.merge_cache_misses.inc()
+                self.metrics.merge_build_seconds.observe(plan.merge_seconds)
+        lora = LoraTarget(plan.lora[0], plan.lora[1]) if plan.lora is not None else None
+        return plan.mode, plan.adapters, lora
+
     def _check_model(self, model: str) -> None:
+        if model in (self.model_name, AUTO_MODEL):
+            return
+        if self.routing is not None and self.routing.registry.get(model) is not None:
+            return
         if model not in (self.model_name, AUTO_MODEL):
             raise not_found(
                 f"The model `{model}` does not exist. Available: "
-                f"{self.model_name}, {AUTO_MODEL} (see GET /v1/models).",
+                f"{self.model_name}, {AUTO_MODEL} and the adapters (see GET /v1/models).",
                 param="model",
                 code="model_not_found",
             )
@@ -194,6 +256,8 @@ class Pipeline:
         return options.k
 
     def _check_routing(self, options: CrosstaskOptions) -> None:
+        if self.routing is not None:
+            return  # the routing step checks the fields against the registered adapters
         if options.routing_mode not in (None, "off"):
             raise bad_request(
                 f"crosstask.routing.mode {options.routing_mode!r} needs the adapter library; "
@@ -228,14 +292,24 @@ class Pipeline:
             return definition, text
         return definition, request.prompt if isinstance(request.prompt, str) else ""
 
-    async def _retrieve(self, request: GenerationRequest, k: int) -> list[Hit]:
-        assert self.retriever is not None
+    async def _embed(self, request: GenerationRequest) -> np.ndarray | None:
+        """The request's query embedding; None without an embedder or text to embed."""
+        if self.retriever is None or (
+            request.prompt is not None and not isinstance(request.prompt, str)
+        ):
+            return None
         definition, text = self._definition_and_input(request)
         query = query_text(definition, text)
         if not query:
-            return []
+            return None
         started = time.monotonic()
         vector = await self.retriever.embed(query)
+        self.metrics.embedding_latency.observe(time.monotonic() - started)
+        return vector
+
+    async def _search(self, request: GenerationRequest, vector: np.ndarray, k: int) -> list[Hit]:
+        assert self.retriever is not None
+        started = time.monotonic()
         hits = await self.retriever.search(
             vector, k, request.options.min_score or 0.0, request.options.exclude_tasks
         )
@@ -287,17 +361,12 @@ class Pipeline:
 
             return completion
         turns = [Turn(m.role, m.content) for m in request.messages]
-        single_turn = not any(t.role == "assistant" for t in turns)
-        plain = self.settings.prompt_format == "plain" and single_turn
 
         def chat(demos: Sequence[Demonstration]) -> list[int]:
-            if not demos:
-                return self.engine.render_chat(
-                    [{"role": t.role, "content": t.content} for t in turns]
-                )
-            if plain:
-                return self.engine.encode(plain_prompt(definition, text, demos))
-            shaped = chat_turns(turns, definition, demos)
+            # The layout is decided in one place, shared with adapter training.
+            shaped = request_prompt(turns, definition, text, demos, self.settings.prompt_format)
+            if isinstance(shaped, str):
+                return self.engine.encode(shaped)
             return self.engine.render_chat([{"role": t.role, "content": t.content} for t in shaped])
 
         return chat
@@ -341,7 +410,7 @@ class Pipeline:
         finished = False
         try:
             async for deltas in self.engine.generate(
-                prepared.prompt_token_ids, prepared.params, request_id
+                prepared.prompt_token_ids, prepared.params, request_id, lora=prepared.lora
             ):
                 if first and any(d.token_ids for d in deltas):
                     self.metrics.ttft.observe(time.monotonic() - prepared.received_at)
@@ -349,6 +418,12 @@ class Pipeline:
                 generated += sum(len(d.token_ids) for d in deltas)
                 yield deltas
             finished = True
+        except LoraLoadError as exc:
+            raise bad_request(
+                f"The adapter could not be loaded: {exc}",
+                param="crosstask.routing.adapters",
+                code="invalid_adapter",
+            ) from exc
         except EngineDeadError as exc:
             raise APIError(
                 f"The engine failed while generating: {exc}",

@@ -32,12 +32,34 @@ def bigbench_cache(home: Path) -> Path:
     return home / "bigbench"
 
 
+def embedder_cache(home: Path) -> Path:
+    """Where the embedder's ONNX exports are cached (keyed by model content)."""
+    return home / "embedders"
+
+
 def prepare_defaults(home: Path, embedder_dir: Path | None = None) -> Defaults:
     model_dir = prepare_default_model(home)
     store_dir = default_store_dir(home)
     if not store_dir.exists():
         build_default_store(home, store_dir, embedder_dir)
+    prepare_store_embedder(home, store_dir, embedder_dir)
     return Defaults(model_dir=model_dir, store_dir=store_dir)
+
+
+def prepare_store_embedder(home: Path, store_dir: Path, embedder_dir: Path | None) -> None:
+    """Export the ONNX model the store was embedded with, if it is not cached (the cache
+    may have been cleared since the build), so the server never exports at start-up."""
+    from retrieval.embedder import default_model_dir, store_backend
+    from retrieval.onnx_export import ensure_export
+    from retrieval.retriever import recorded_metadata
+
+    backend, quantize = store_backend(recorded_metadata(store_dir))
+    if backend != "onnx":
+        return
+    try:
+        ensure_export(embedder_dir or default_model_dir(), embedder_cache(home), quantize)
+    except Exception as exc:  # Not fatal here: opening the store says it plainly.
+        log.warning("Cannot export the store's %s ONNX embedder: %s", quantize, exc)
 
 
 def build_default_store(home: Path, out: Path, embedder_dir: Path | None) -> None:
@@ -67,6 +89,8 @@ def build_store_cli(
     seed: int,
     overwrite: bool,
     sdist: Path | None = None,
+    backend: str = "auto",
+    quantize: str | None = None,
 ) -> None:
     """Build a store with a progress bar (examples/s) on a terminal, log lines elsewhere."""
     from tqdm import tqdm
@@ -78,7 +102,12 @@ def build_store_cli(
     source = BigBenchSource(sdist or ensure_bigbench_sdist(bigbench_cache(home)))
     # Unknown names fail here, before the embedder takes ten seconds to load.
     source.check_names([t for t in tasks if t not in set(exclude)])
-    embedder = Embedder(embedder_dir)
+    if quantize is None:  # The onnx backend's default is its measured fast setting.
+        quantize = "int8" if backend == "onnx" else "none"
+    embedder = Embedder(
+        embedder_dir, backend=backend, quantize=quantize, cache_dir=embedder_cache(home)
+    )
+    log.info("Embedder: %s on %s, %s weights", embedder.name, embedder.backend, embedder.quantize)
     bar = tqdm(total=len(tasks), unit="task", disable=not sys.stderr.isatty())
 
     def progress(p: BuildProgress) -> None:

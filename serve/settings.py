@@ -45,7 +45,11 @@ class Settings(BaseSettings):
         default=None,
         description="Demonstration store folder; None uses CROSSTASK_HOME/store if built.",
     )
-    adapters: Path | None = None
+    adapters: Path | None = Field(
+        default=None,
+        description="Adapter library folder (runtime loads are confined below it); None "
+        "serves the default library from CROSSTASK_HOME/adapters when it is installed.",
+    )
     embedder: Path | None = Field(
         default=None,
         description="A sentence-transformers folder; None is the embedded all-MiniLM-L6-v2.",
@@ -62,6 +66,18 @@ class Settings(BaseSettings):
         default="chat",
         description="How chat requests with demonstrations are laid out (see README).",
     )
+
+    # Adapters and routing (see routing/router.py; thresholds calibrated on the dev tasks).
+    max_loras: int = Field(default=8, ge=1, description="Distinct LoRAs in one engine batch.")
+    max_cpu_loras: int = Field(default=32, ge=1, description="LoRAs kept loaded in memory.")
+    max_lora_rank: int = Field(default=32, ge=1, le=512)
+    router_single_min: float = Field(default=0.5, ge=-1, le=1, allow_inf_nan=False)
+    router_single_margin: float = Field(default=0.05, ge=0, le=2, allow_inf_nan=False)
+    router_merge_min: float = Field(default=0.4, ge=-1, le=1, allow_inf_nan=False)
+    router_top_k: int = Field(default=2, ge=1, le=8)
+    router_temperature: float = Field(default=0.05, gt=0, le=10, allow_inf_nan=False)
+    router_fallback: Literal["generalist", "off"] = "generalist"
+    merge_cache_size: int = Field(default=16, ge=1, description="Merged adapters kept on disk.")
 
     # Access.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
@@ -85,8 +101,22 @@ class Settings(BaseSettings):
     max_stop: int = Field(default=16, ge=1)
     max_top_logprobs: int = Field(default=20, ge=0)
     max_prompts_per_request: int = Field(default=64, ge=1)
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted (413 beyond), checked while it arrives.",
+    )
 
-    # Lifecycle.
+    # Admission: beyond this many generation requests waiting (in flight beyond what the
+    # engine runs at once, max_num_seqs), new ones get a quick 429 with Retry-After rather
+    # than a queue whose latency grows without end. See serve/api/limits.py.
+    max_waiting: int = Field(default=256, ge=0)
+    retry_after_seconds: int = Field(
+        default=1, ge=1, description="Retry-After of 429 (overloaded) and 503 answers."
+    )
+
+    # Lifecycle: on SIGTERM, /health and new requests answer 503 while the requests in
+    # flight get up to this long to finish; then the process exits 0.
     drain_seconds: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

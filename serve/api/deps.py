@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from serve.api.chat_completion.serving import ChatServing
 from serve.api.completion.serving import CompletionServing
@@ -70,7 +72,17 @@ def _unauthorized(message: str) -> APIError:
     return APIError(message, 401, "invalid_request_error", None, "invalid_api_key")
 
 
-async def require_api_key(request: Request) -> None:
+# Declares the bearer scheme in the OpenAPI document (each /v1 operation lists it under
+# `security`); the check itself is check_api_key's, which refuses with OpenAI error bodies.
+_bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="APIKey",
+    description="An API key (CROSSTASK_API_KEYS) or the admin key, when keys are configured.",
+)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)]
+
+
+async def require_api_key(request: Request, _credentials: Credentials) -> None:
     """Every /v1 route, when keys are configured: any API key or the admin key."""
     check_api_key(request)
 
@@ -89,7 +101,7 @@ def check_api_key(request: Request) -> None:
         raise _unauthorized("Incorrect API key provided.")
 
 
-async def require_admin(request: Request) -> None:
+async def require_admin(request: Request, _credentials: Credentials) -> None:
     """Management writes, when keys are configured: the admin key only."""
     settings = get_state(request).settings
     if not settings.auth_enabled:

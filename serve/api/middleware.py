@@ -11,9 +11,14 @@ from serve.metrics import Metrics
 
 
 class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, known_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        # Paths of the app's routes without parameters: a request refused before routing
+        # (limits, see serve/api/limits.py) is labelled with its path when it is one of them.
+        self.known_paths = known_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,13 +36,16 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = _route_template(scope)
+            route = _route_template(scope, self.known_paths)
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.latency.labels(route=route).observe(time.perf_counter() - start)
 
 
-def _route_template(scope: Scope) -> str:
+def _route_template(scope: Scope, known_paths: frozenset[str] = frozenset()) -> str:
     # The template, not the raw path, keeps label cardinality bounded.
     route = scope.get("route")
     path = getattr(route, "path", None)
-    return str(path) if path else "unmatched"
+    if path:
+        return str(path)
+    raw = scope.get("path")
+    return raw if raw in known_paths else "unmatched"

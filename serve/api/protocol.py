@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
+from serve.api.limits import find_lone_surrogate
 from serve.engine import GenerationParams
 from serve.pipeline import Annotation, CrosstaskOptions
 
@@ -136,6 +138,20 @@ class ErrorResponse(BaseModel):
 
 class SamplingRequest(OpenAIBaseModel):
     """Fields that chat and completion requests share."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: object) -> object:
+        # JSON may carry lone surrogates ("\ud800"); no tokenizer or engine can encode them,
+        # so they are the client's error (400), found here rather than as a 500 later.
+        where = find_lone_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "{where}: text must be valid Unicode (it holds a lone surrogate)",
+                {"where": where},
+            )
+        return data
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)

@@ -76,9 +76,51 @@ def store_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return copy
 
 
+# The test adapter library: random LoRAs (no training), with prototypes placed on the
+# embeddings of these task definitions so that `auto` routes predictably.
+ADAPTER_TASKS = {
+    "alpha": ("specialist", "Translate the English sentence into French.", 4),
+    "beta": ("specialist", "Solve the arithmetic problem and answer with a number.", 8),
+    "general": ("generalist", "Follow the instruction and answer the question.", 4),
+}
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from retrieval.embedder import Embedder
+    from retrieval.query import QUERY_TEXT_VERSION, query_text
+    from routing.adapter_meta import AdapterMeta, Prototype, base_signature, write_meta
+    from tests.integration.lora_fixtures import make_random_lora
+
+    root = tmp_path_factory.mktemp("adapters")
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    embedder = Embedder(num_threads=1)
+    signature = base_signature(model_dir)
+    for seed, (name, (kind, definition, rank)) in enumerate(ADAPTER_TASKS.items()):
+        folder = make_random_lora(model_dir, root / name, rank=rank, seed=seed + 1, base_model=base)
+        vector = embedder.encode_one(query_text(definition, "")).tolist()
+        write_meta(
+            folder,
+            AdapterMeta(
+                name=name,
+                kind=kind,  # type: ignore[arg-type]
+                tasks=[f"task_{name}"] if kind == "specialist" else ["task_alpha", "task_beta"],
+                rank=rank,
+                base_model=signature,
+                prototype=Prototype(embedder.name, QUERY_TEXT_VERSION, [vector], [1]),
+            ),
+        )
+    # A plain PEFT adapter: servable by name, never routed to.
+    make_random_lora(model_dir, root / "plain", rank=4, seed=9, base_model=base)
+    return root
+
+
 @pytest.fixture(scope="session")
 def server(
-    model_dir: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    model_dir: Path, store_dir: Path, adapters_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
@@ -88,6 +130,12 @@ def server(
         CROSSTASK_API_KEYS="test-key-1,test-key-2",
         CROSSTASK_ADMIN_KEY="test-admin-key",
         CROSSTASK_STORE=str(store_dir),
+        CROSSTASK_ADAPTERS=str(adapters_dir),
+        # Clear thresholds for the crafted prototypes above (the defaults are calibrated
+        # on the dev tasks for the real library).
+        CROSSTASK_ROUTER_SINGLE_MIN="0.6",
+        CROSSTASK_ROUTER_MERGE_MIN="0.3",
+        CROSSTASK_ROUTER_SINGLE_MARGIN="0.1",
         # Requests that do not ask for demonstrations get none, so the base-model tests
         # compare like with like; retrieval tests ask explicitly.
         CROSSTASK_DEFAULT_K="0",

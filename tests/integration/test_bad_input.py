@@ -53,7 +53,7 @@ def _assert_error(response: httpx.Response, status: int) -> dict[str, object]:
         ({"model": 5, "messages": HI}, "model"),
         (
             {"model": "M", "messages": HI, "crosstask": {"routing": {"mode": "merge"}}},
-            "crosstask.routing.mode",
+            "crosstask.routing.adapters",
         ),
         (
             {"model": "M", "messages": HI, "crosstask": {"routing": {"mode": "teleport"}}},

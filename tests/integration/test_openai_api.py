@@ -13,7 +13,11 @@ QUESTION = [{"role": "user", "content": "Name three primary colors."}]
 
 def test_models_lists_base_and_auto(openai_client: openai.OpenAI, server: Server) -> None:
     models = {m.id: m for m in openai_client.models.list().data}
-    assert set(models) == {server.model, "auto"}
+    # The base model, `auto`, and the adapters of the suite's library (test_adapters_api).
+    assert {server.model, "auto"} <= set(models)
+    assert all(
+        m.model_extra["parent"] == server.model for k, m in models.items() if k != server.model
+    )  # type: ignore[index]
     base = models[server.model]
     assert base.model_extra is not None
     assert base.model_extra["root"] == str(server.model_dir)
@@ -210,14 +214,21 @@ def test_chat_logprobs(openai_client: openai.OpenAI, server: Server) -> None:
         assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-4)
 
 
-def test_auto_model_serves_base(openai_client: openai.OpenAI, server: Server) -> None:
+def test_auto_model_with_routing_off_serves_base(
+    openai_client: openai.OpenAI, server: Server
+) -> None:
     base = openai_client.chat.completions.create(
         model=server.model, messages=QUESTION, max_tokens=16, temperature=0
     )
     auto = openai_client.chat.completions.create(
-        model="auto", messages=QUESTION, max_tokens=16, temperature=0
+        model="auto",
+        messages=QUESTION,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"crosstask": {"routing": {"mode": "off"}}},
     )
     assert auto.choices[0].message.content == base.choices[0].message.content
+    assert auto.model_extra["crosstask"]["routing"] == {"mode": "off", "adapters": []}  # type: ignore[index]
 
 
 def test_health_and_metrics(server: Server) -> None:

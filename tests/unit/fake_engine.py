@@ -39,7 +39,11 @@ class FakeEngine:
             raise InvalidParamsError("n must be 1 when using greedy sampling")
 
     async def generate(
-        self, prompt_token_ids: list[int], params: GenerationParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        request_id: str,
+        lora: object = None,
     ) -> AsyncIterator[list[OutputDelta]]:
         self.last_prompt = prompt_token_ids
         for step in range(params.max_tokens):

@@ -30,7 +30,17 @@ def _cards(pipeline: Pipeline) -> list[ModelCard]:
         parent=config.served_name,
         max_model_len=pipeline.engine.max_model_len,
     )
-    return [base, auto]
+    adapters = [
+        ModelCard(
+            id=adapter.name,
+            created=created,
+            root=str(adapter.path),
+            parent=config.served_name,
+            max_model_len=pipeline.engine.max_model_len,
+        )
+        for adapter in (pipeline.routing.registry.all() if pipeline.routing else [])
+    ]
+    return [base, auto, *adapters]
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)

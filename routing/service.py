@@ -1,0 +1,216 @@
+"""The routing step of the request path: from the request's model and `crosstask.routing`
+(and its query embedding, for `auto`) to what the engine serves: the base model, one
+adapter, or a cached weighted merge of several.
+
+    model                         routing.mode        served
+    base name (or unset mode)     off / absent        base model
+    base name or "auto"           adapter [name]      that adapter
+    base name or "auto"           merge [names, w]    the merge (weights default to equal)
+    "auto"                        absent / auto       the router decides (routing/router.py)
+    an adapter's name             absent / adapter    that adapter
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from routing.merge import MergeCache, MergeError, Source
+from routing.registry import Adapter, AdapterRegistry
+from routing.router import RouterConfig, route
+
+log = logging.getLogger(__name__)
+
+
+class RoutingError(ValueError):
+    """A routing request that cannot be served: the message and the request field."""
+
+    def __init__(self, message: str, param: str, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class Plan:
+    """What to serve: mode and weights for the annotation, the LoRA (name, folder) for the
+    engine (None: the base model), and what the merge cache did."""
+
+    mode: str
+    adapters: list[tuple[str, float]] = field(default_factory=list)
+    lora: tuple[str, Path] | None = None
+    merge_hit: bool | None = None
+    merge_seconds: float = 0.0
+
+
+@dataclass
+class RoutingRequest:
+    model: str
+    mode: str | None
+    adapters: list[str] | None
+    weights: list[float] | None
+    top_k: int | None
+    exclude_tasks: Sequence[str]
+
+
+class RoutingService:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        merges: MergeCache,
+        config: RouterConfig,
+        base_name: str,
+        auto_name: str = "auto",
+    ) -> None:
+        self.registry = registry
+        self.merges = merges
+        self.config = config
+        self.base_name = base_name
+        self.auto_name = auto_name
+
+    def resolve_mode(self, request: RoutingRequest) -> str:
+        """The mode this request asks for (before the router runs)."""
+        if request.mode is not None:
+            return request.mode
+        if request.model == self.auto_name:
+            return "auto"
+        if request.model == self.base_name:
+            return "off"
+        return "adapter"  # the model names an adapter
+
+    def needs_query(self, request: RoutingRequest) -> bool:
+        return self.resolve_mode(request) == "auto"
+
+    async def plan(self, request: RoutingRequest, query: np.ndarray | None) -> Plan:
+        mode = self.resolve_mode(request)
+        names = list(request.adapters or [])
+        model_adapter = self.registry.get(request.model)
+        if model_adapter is not None and not names and mode in ("adapter", "merge"):
+            names = [request.model]
+        elif model_adapter is not None and mode in ("off", "auto"):
+            raise RoutingError(
+                f"model {request.model!r} is an adapter; routing.mode {mode!r} contradicts it",
+                "crosstask.routing.mode",
+            )
+        if mode == "off":
+            if names:
+                raise RoutingError(
+                    "routing.mode 'off' serves the base model; drop routing.adapters",
+                    "crosstask.routing.adapters",
+                )
+            return Plan("off")
+        if mode == "fuse":
+            raise RoutingError(
+                "routing.mode 'fuse' (logit fusion) is not served by this build yet; use "
+                "'adapter', 'merge' or 'auto'",
+                "crosstask.routing.mode",
+                "unsupported_value",
+            )
+        if mode == "auto":
+            if names:
+                return await self._merge_or_single(names, request.weights)
+            if query is None:
+                # No text to embed (token-id prompt, empty input): nothing to route on.
+                return Plan("off")
+            decision = route(
+                query, self.registry.routable(), request.exclude_tasks, self.config, request.top_k
+            )
+            if decision.mode == "off":
+                return Plan("off")
+            return await self._merge_or_single(
+                [n for n, _ in decision.adapters], [w for _, w in decision.adapters]
+            )
+        if mode == "adapter":
+            if len(names) != 1:
+                raise RoutingError(
+                    "routing.mode 'adapter' takes exactly one adapter (routing.adapters or model)",
+                    "crosstask.routing.adapters",
+                )
+            if request.weights is not None and len(request.weights) != 1:
+                raise RoutingError("one adapter takes one weight", "crosstask.routing.weights")
+            adapter = self._get(names[0])
+            return Plan("adapter", [(adapter.name, 1.0)], (adapter.name, adapter.path))
+        if mode == "merge":
+            if not names:
+                raise RoutingError(
+                    "routing.mode 'merge' needs routing.adapters", "crosstask.routing.adapters"
+                )
+            return await self._merge_or_single(names, request.weights, force_merge=True)
+        raise RoutingError(f"unknown routing.mode {mode!r}", "crosstask.routing.mode")
+
+    def _get(self, name: str) -> Adapter:
+        adapter = self.registry.get(name)
+        if adapter is None:
+            known = ", ".join(a.name for a in self.registry.all()) or "none"
+            raise RoutingError(
+                f"no adapter named {name!r} (loaded: {known}; see GET /v1/adapters)",
+                "crosstask.routing.adapters",
+                "adapter_not_found",
+            )
+        return adapter
+
+    async def _merge_or_single(
+        self, names: list[str], weights: list[float] | None, force_merge: bool = False
+    ) -> Plan:
+        if len(set(names)) != len(names):
+            raise RoutingError(
+                "routing.adapters names an adapter twice", "crosstask.routing.adapters"
+            )
+        adapters = [self._get(n) for n in names]
+        raw = weights if weights is not None else [1.0] * len(adapters)
+        if len(raw) != len(adapters):
+            raise RoutingError(
+                "routing.weights needs one weight per adapter", "crosstask.routing.weights"
+            )
+        if len(adapters) == 1 and not force_merge:
+            a = adapters[0]
+            return Plan("adapter", [(a.name, 1.0)], (a.name, a.path))
+        try:
+            result = await self.merges.get(
+                [Source(a.name, a.path, a.fingerprint) for a in adapters], raw
+            )
+        except MergeError as exc:
+            raise RoutingError(str(exc), "crosstask.routing.weights") from None
+        total = sum(raw)
+        return Plan(
+            "merge",
+            [(a.name, w / total) for a, w in zip(adapters, raw, strict=True)],
+            (result.name, result.path),
+            merge_hit=result.hit,
+            merge_seconds=result.build_seconds,
+        )
+
+
+def default_library() -> Path | None:
+    """The adapter library shipped with crosstask (routing/library), if installed."""
+    folder = Path(__file__).resolve().parent / "library"
+    return folder if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()) else None
+
+
+def build_routing(
+    adapters_root: Path,
+    model_dir: Path,
+    base_name: str,
+    merges_dir: Path,
+    config: RouterConfig,
+    max_rank: int,
+    merge_cache_size: int,
+    embedder: str | None,
+    on_evict: Callable[[str], Awaitable[object]] | None = None,
+) -> RoutingService:
+    """Scan the adapters root into a registry and put the router and merge cache on it."""
+    registry = AdapterRegistry(adapters_root, model_dir, max_rank, embedder)
+    problems = registry.scan()
+    log.info(
+        "Adapters: %d from %s (%s)%s",
+        len(registry.all()),
+        adapters_root,
+        ", ".join(f"{a.name}:{a.kind}:r{a.rank}" for a in registry.all()) or "none",
+        f"; {len(problems)} refused" if problems else "",
+    )
+    merges = MergeCache(merges_dir, merge_cache_size, max_rank, on_evict)
+    return RoutingService(registry, merges, config, base_name)
