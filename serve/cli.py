@@ -47,41 +47,7 @@ def _add_serve(sub: Any) -> None:
     )
     p.add_argument("--host", help="Address to bind (default 127.0.0.1).")
     p.add_argument("--port", type=int, help="Port to bind (default 8000).")
-    p.add_argument(
-        "--model",
-        type=Path,
-        help="A Hugging Face-format model folder to serve instead of the embedded "
-        "SmolLM2-135M-Instruct (converted once into CROSSTASK_HOME).",
-    )
-    p.add_argument(
-        "--served-model-name",
-        dest="served_model_name",
-        help="The name clients use in `model` (default: smollm2-135m-instruct for "
-        "the embedded model, else the folder name).",
-    )
-    p.add_argument(
-        "--store",
-        type=Path,
-        help="Demonstration store folder (default: CROSSTASK_HOME/store if built).",
-    )
-    p.add_argument(
-        "--embedder",
-        type=Path,
-        help="sentence-transformers folder (default: embedded all-MiniLM-L6-v2).",
-    )
-    p.add_argument(
-        "--default-k",
-        dest="default_k",
-        type=int,
-        help="Demonstrations per request when a request does not say (default 4).",
-    )
-    p.add_argument(
-        "--adapters",
-        type=Path,
-        help="Adapter library folder: PEFT LoRA folders (with crosstask_adapter.json to be "
-        "routed); runtime loads are confined below it (default: the library shipped with "
-        "crosstask, routing/library).",
-    )
+    _add_engine_flags(p)
     p.add_argument(
         "--api-key",
         dest="api_keys",
@@ -93,33 +59,6 @@ def _add_serve(sub: Any) -> None:
     p.add_argument(
         "--admin-key", dest="admin_key", help="Key for management writes (env CROSSTASK_ADMIN_KEY)."
     )
-    p.add_argument("--home", type=Path, help="Cache folder (default ~/.cache/crosstask).")
-    p.add_argument(
-        "--max-model-len",
-        dest="max_model_len",
-        type=int,
-        help="Context length (default: the model's).",
-    )
-    p.add_argument(
-        "--kv-cache-gb",
-        dest="kv_cache_gb",
-        type=float,
-        help="Memory for the KV cache in GiB (default 4).",
-    )
-    p.add_argument(
-        "--max-num-seqs",
-        dest="max_num_seqs",
-        type=int,
-        help="Most sequences the engine runs at once (default: vLLM's).",
-    )
-    p.add_argument(
-        "--enforce-eager",
-        dest="enforce_eager",
-        action="store_const",
-        const=True,
-        help="Skip compilation: starts about 3x faster, decodes slower.",
-    )
-    p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_cmd_serve)
 
 
@@ -232,25 +171,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from retrieval.retriever import Retriever, open_retriever
     from serve.api.app import create_app
 
-    settings = _settings(
-        args,
-        [
-            "host",
-            "port",
-            "model",
-            "served_model_name",
-            "store",
-            "adapters",
-            "api_keys",
-            "admin_key",
-            "home",
-            "max_model_len",
-            "kv_cache_gb",
-            "max_num_seqs",
-            "enforce_eager",
-            "log_level",
-        ],
-    )
+    settings = _settings(args, ["host", "port", "api_keys", "admin_key", *_ENGINE_FIELDS])
     _configure_logging(settings.log_level)
     engine_config = _engine_config(settings)
     store_dir = _store_dir(settings)
@@ -497,7 +418,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adapters",
         type=Path,
-        help="Adapter library folder (default: the library shipped with crosstask).",
+        help="Adapter library folder: PEFT LoRA folders (with crosstask_adapter.json to be "
+        "routed); runtime loads are confined below it (default: the library shipped with "
+        "crosstask, routing/library).",
     )
     p.add_argument(
         "--model",
