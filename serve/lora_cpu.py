@@ -365,8 +365,15 @@ class _SlotRanks:
 
     def __init__(self) -> None:
         self._cache: dict[int, tuple[torch.Tensor, int, list[int]]] = {}
+        self._warned = False
 
     def get(self, lora_a: torch.Tensor) -> list[int]:
+        if lora_a.is_inference():
+            # Inference tensors keep no version counter: no safe cache, use the full rank.
+            if not self._warned:
+                log.warning("LoRA weights are inference tensors: computing at max_lora_rank")
+                self._warned = True
+            return [lora_a.shape[-2]] * lora_a.shape[0]
         entry = self._cache.get(id(lora_a))
         version = lora_a._version
         if entry is not None and entry[0] is lora_a and entry[1] == version:

@@ -231,6 +231,20 @@ def test_rank_cache_follows_slot_updates() -> None:
     assert _close(got, want)
 
 
+def test_inference_tensor_weights_fall_back_to_the_padded_rank() -> None:
+    """Weights made under torch.inference_mode have no version counter to cache ranks by."""
+    original, fast = _wrappers(TOKEN_SLOTS)
+    with torch.inference_mode():
+        a = (_stacked_a([2, 8, 16]),)
+        b = (_stacked_b([2, 8, 16], 48),)
+    x = torch.randn(len(TOKEN_SLOTS), HIDDEN)
+    want, got = torch.zeros(len(TOKEN_SLOTS), 48), torch.zeros(len(TOKEN_SLOTS), 48)
+    with torch.inference_mode():
+        original.add_lora_linear(want, x, a, b, 1.0, (48,))
+        fast.add_lora_linear(got, x, a, b, 1.0, (48,))
+    assert _close(got, want)
+
+
 def test_step_plan_sorts_only_interleaved_batches() -> None:
     """Adjacent adapters index the input directly; interleaved ones go through one sort."""
     adjacent = lora_cpu._plan_step(torch.tensor([0, 0, -1, 1, 1, 1]))
