@@ -4,6 +4,10 @@ router) and a search of the store, without blocking the event loop.
 Concurrent requests' queries are embedded together: a request that arrives while a batch
 is being encoded waits for the next batch instead of taking the embedder's lock alone,
 so 64 concurrent requests cost a few batched encodes rather than 64 single ones.
+
+On a read-only replica the store can be replaced while serving (a newer snapshot, see
+snapshots.py): the embedder stays (the router shares it), searches in flight finish on
+the store they started with, and that store is closed once the last of them is done.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from retrieval.embedder import (
     store_backend,
 )
 from retrieval.query import QUERY_TEXT_VERSION
+from retrieval.snapshots import (
+    DEFAULT_GRACE_SECONDS,
+    SnapshotFollower,
+    SnapshotPublisher,
+    resolve,
+    snapshot_metadata,
+)
 from retrieval.store import DB_FILE, DemonstrationStore, Hit, StoreError
 
 
@@ -38,8 +49,34 @@ class Retriever:
     embedder: Embedder
     store: DemonstrationStore
     max_batch: int = 64
+    # The writer publishes snapshots of its store; a reader follows them.
+    publisher: SnapshotPublisher | None = None
+    follower: SnapshotFollower | None = None
     _queue: asyncio.Queue[_Pending] | None = field(default=None, init=False)
     _worker: asyncio.Task[None] | None = field(default=None, init=False)
+    _following: asyncio.Task[None] | None = field(default=None, init=False)
+    _started: bool = field(default=False, init=False)
+    # Searches running on each store (all on the event loop, so no lock): a replaced
+    # store is closed when its count drops to zero.
+    _searches: dict[DemonstrationStore, int] = field(default_factory=dict, init=False)
+
+    def start(self) -> None:
+        """Start the background work, on the running event loop: publishing snapshots
+        (writer) or following them (reader). Idempotent."""
+        if self._started:
+            return
+        self._started = True
+        if self.publisher is not None:
+            self.publisher.start()
+        if self.follower is not None:
+            self._following = asyncio.create_task(self.follower.run(self.replace_store))
+
+    def replace_store(self, store: DemonstrationStore) -> None:
+        """Serve `store` from now on (call on the event loop, between requests). The old
+        store is closed at once if no search uses it, else by the last one."""
+        old, self.store = self.store, store
+        if old is not store and old not in self._searches:
+            old.close()  # A read-only store: this closes its SQLite connections, quickly.
 
     async def embed(self, text: str) -> np.ndarray:
         """The unit-length embedding of `text`, batched with concurrent callers."""
@@ -72,14 +109,29 @@ class Retriever:
     async def search(
         self, vector: np.ndarray, k: int, min_score: float, exclude_tasks: Sequence[str]
     ) -> list[Hit]:
-        return await asyncio.to_thread(self.store.search, vector, k, min_score, exclude_tasks)
+        store = self.store  # Kept for the whole search, even if a newer one is swapped in.
+        self._searches[store] = self._searches.get(store, 0) + 1
+        try:
+            return await asyncio.to_thread(store.search, vector, k, min_score, exclude_tasks)
+        finally:
+            left = self._searches.pop(store) - 1
+            if left:
+                self._searches[store] = left
+            elif store is not self.store:
+                store.close()
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        await asyncio.to_thread(self.store.close)
+        for task in (self._worker, self._following):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.publisher is not None:
+            # Publishes what readers have not got yet: every acknowledged write.
+            await asyncio.to_thread(self.publisher.close)
+        # Replaced stores still searched are closed too: close() waits for the searches.
+        for store in {self.store, *self._searches}:
+            await asyncio.to_thread(store.close)
 
 
 def open_retriever(
@@ -96,14 +148,77 @@ def open_retriever(
 
     The embedder runs the backend and quantization the store records (`backend` and
     `quantize` None); given explicitly, a conflicting pair is refused."""
-    recorded_backend, recorded_quantize = store_backend(recorded_metadata(store_dir))
+    embedder = load_embedder(
+        recorded_metadata(store_dir), embedder_dir, backend=backend, quantize=quantize
+    )
+    return Retriever(embedder, open_store(store_dir, embedder, read_only=read_only))
+
+
+def open_replica(
+    root: Path,
+    embedder_dir: Path | None = None,
+    *,
+    read_only: bool,
+    publish: bool = True,
+    reload_seconds: float = 0.0,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+) -> Retriever:
+    """The store as a server holds it (deploy/README.md: one writer, many readers).
+
+    Writer (`read_only` False): the live store at `root`, publishing a snapshot of it
+    after writes when `publish` (a lone server need not). Reader: the snapshot
+    `root/CURRENT` names, or `root` itself when there is no CURRENT (a flat store),
+    read-only; with `reload_seconds` > 0 it follows CURRENT to newer snapshots. The
+    background work starts with Retriever.start()."""
+    if not read_only:
+        retriever = open_retriever(root, embedder_dir)
+        if publish:
+            retriever.publisher = SnapshotPublisher(
+                retriever.store, root, grace_seconds=grace_seconds
+            )
+        return retriever
+    folder, snapshot = resolve(root)
+    recorded = recorded_metadata(folder) if snapshot is None else snapshot_metadata(folder)
+    embedder = load_embedder(recorded, embedder_dir)
+    store = open_store(folder, embedder, read_only=True, immutable=snapshot is not None)
+    retriever = Retriever(embedder, store)
+    if reload_seconds > 0:
+        retriever.follower = SnapshotFollower(
+            root,
+            snapshot,
+            # The reader's one embedder serves every snapshot (and the router).
+            lambda path: open_store(path, embedder, read_only=True, immutable=True),
+            reload_seconds,
+        )
+    return retriever
+
+
+def load_embedder(
+    recorded: dict[str, str],
+    embedder_dir: Path | None = None,
+    *,
+    backend: str | None = None,
+    quantize: str | None = None,
+) -> Embedder:
+    """The embedder for a store with metadata `recorded`, with the backend and
+    quantization it records (unless given)."""
+    recorded_backend, recorded_quantize = store_backend(recorded)
     backend = backend or recorded_backend
     if quantize is None:
         quantize = recorded_quantize if backend == recorded_backend else "none"
     # One thread: the server's CPU belongs to vLLM; more threads that keep losing their
     # core to it ran slower than one (see bench/store_build.py).
-    embedder = Embedder(embedder_dir, num_threads=1, backend=backend, quantize=quantize)
-    store = DemonstrationStore.open(store_dir, embedder.dim, read_only=read_only)
+    return Embedder(embedder_dir, num_threads=1, backend=backend, quantize=quantize)
+
+
+def open_store(
+    store_dir: Path, embedder: Embedder, *, read_only: bool = False, immutable: bool = False
+) -> DemonstrationStore:
+    """Open the store at `store_dir` if `embedder` embeds like it (same model, weights
+    and query text version), else StoreError."""
+    store = DemonstrationStore.open(
+        store_dir, embedder.dim, read_only=read_only, immutable=immutable
+    )
     try:
         check_store_metadata(store.metadata(), embedder, str(store_dir))
     except EmbedderMismatchError as exc:
@@ -116,7 +231,7 @@ def open_retriever(
             f"The store {store_dir} embeds query text version {version}; this build uses "
             f"{QUERY_TEXT_VERSION}. Rebuild it with `crosstask store build`."
         )
-    return Retriever(embedder, store)
+    return store
 
 
 def recorded_metadata(store_dir: Path) -> dict[str, str]:

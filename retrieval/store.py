@@ -7,6 +7,7 @@ Layout of a store folder:
   database generation it reflects. Missing, damaged, foreign or stale, it is rebuilt or
   caught up from the database on open.
 - `LOCK`: held (flock) by the one process that opened the store for writing.
+- `CURRENT`, `snapshots/`: immutable copies that read-only replicas open (snapshots.py).
 
 Concurrency: any number of threads may search while one thread writes. Writes are
 serialized by a mutex; the database commit happens first (durable), then the in-memory
@@ -27,9 +28,18 @@ from typing import IO
 
 import numpy as np
 
+from retrieval.durable import fsync_tree, write_atomic
 from retrieval.rwlock import RWLock
 from retrieval.store_db import DatabaseError, NewRow, StoreDB
-from retrieval.store_index import FLAT, INDEX_KINDS, IVF, IndexFileError, IndexHeader, VectorIndex
+from retrieval.store_index import (
+    FLAT,
+    INDEX_KINDS,
+    IVF,
+    IndexFileError,
+    IndexHeader,
+    VectorIndex,
+    write_index_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +150,27 @@ class DemonstrationStore:
         self._unpersisted = 0
         self._masks: dict[frozenset[int], tuple[np.ndarray, int]] = {}
         self._masks_lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
     def open(
-        cls, path: Path | str, dim: int, index_kind: str = "auto", *, read_only: bool = False
+        cls,
+        path: Path | str,
+        dim: int,
+        index_kind: str = "auto",
+        *,
+        read_only: bool = False,
+        immutable: bool = False,
     ) -> DemonstrationStore:
         """Open (creating if needed) the store in folder `path` for `dim`-d vectors.
 
         `index_kind`: "flat" (exact), "ivf" or "hnsw" (approximate, fast at scale) or
         "auto" (flat below AUTO_APPROX_MIN_ROWS, IVF from there on). A read-only store takes no
-        lock and never writes, so it can be opened beside a running server.
+        lock and never writes, so it can be opened beside a running server. `immutable`
+        (read-only only) promises that nothing changes the files while they are open,
+        as for a published snapshot: SQLite then takes no locks at all.
         """
         if index_kind not in ("auto", *INDEX_KINDS):
             raise ValidationError(f"index_kind must be auto, flat, ivf or hnsw, not {index_kind!r}")
@@ -163,7 +182,7 @@ class DemonstrationStore:
             path.mkdir(parents=True, exist_ok=True)
             lock_file = _take_lock(path / LOCK_FILE)
         try:
-            db = StoreDB(path / DB_FILE, dim, read_only=read_only)
+            db = StoreDB(path / DB_FILE, dim, read_only=read_only, immutable=immutable)
         except (DatabaseError, OSError) as exc:
             if lock_file is not None:
                 lock_file.close()
@@ -204,6 +223,40 @@ class DemonstrationStore:
             if not self.read_only:
                 self._persist()
 
+    def snapshot(self, folder: Path) -> int:
+        """Write a consistent copy of the store (database and index as of one generation)
+        into the existing empty `folder`, fsynced; return that generation.
+
+        Writes wait only while the in-memory index is copied (in memory); the index is
+        serialized and the database copied (from a read transaction pinned at the same
+        generation) while they go on. Searches never wait.
+        """
+        with self._writer:  # No write between pinning the database and copying the index.
+            self._check_open()
+            pinned = self._db.pin()
+            try:
+                with self._rw.read():
+                    header = self._header(pinned.generation)
+                    index = self._index.copy()
+            except BaseException:
+                pinned.close()
+                raise
+        try:
+            pinned.backup_to(folder / DB_FILE)
+        finally:
+            pinned.close()
+        payload = index.payload()
+        del index  # Its memory goes before the file is written.
+        if payload is not None:  # Else an untrained IVF index: opening builds it.
+            write_atomic(folder / INDEX_FILE, lambda fh: write_index_file(fh, header, payload))
+        fsync_tree(folder)
+        return pinned.generation
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every committed write, once it is durable (e.g. to
+        publish a snapshot). It runs on the writing thread: keep it quick."""
+        self._listeners.append(listener)
+
     # ------------------------------------------------------------------ writes
 
     def add(self, records: Sequence[NewDemo], vectors: np.ndarray) -> list[str]:
@@ -237,6 +290,7 @@ class DemonstrationStore:
                     self._index = self._build_from_db(self._index.kind)
             self._unpersisted += len(seqs)
             self._after_write()
+        self._notify()
         return [_ID_PREFIX + str(s) for s in seqs]
 
     def delete_ids(self, ids: Iterable[str]) -> int:
@@ -265,13 +319,15 @@ class DemonstrationStore:
                 self._index.remove(deleted)
             self._unpersisted += len(deleted)
             self._after_write()
-            return len(deleted)
+        self._notify()  # Even for none: the commit bumped the generation.
+        return len(deleted)
 
     def set_metadata(self, **values: str) -> None:
         """Record facts about the store (embedder model, query-text version, ...)."""
         with self._writer:
             self._check_writable()
             self._db.set_metadata({k: str(v) for k, v in values.items()})
+        self._notify()
 
     # ------------------------------------------------------------------ reads
 
@@ -361,6 +417,13 @@ class DemonstrationStore:
 
     # ------------------------------------------------------------------ internals
 
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:  # The write is durable and acknowledged regardless.
+                log.exception("store listener failed")
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("the store is closed")
@@ -411,7 +474,10 @@ class DemonstrationStore:
             return None, str(exc)
         if header.store_uid != self._store_uid:
             return None, "it belongs to another store"
-        if header.dim != self.dim or header.kind != kind:
+        # A reader takes the kind its writer chose ("auto" may have chosen another at a
+        # different size): rebuilding would cost it seconds of CPU for nothing.
+        any_kind = self.read_only and self._index_kind == "auto"
+        if header.dim != self.dim or (header.kind != kind and not any_kind):
             return None, f"it is a {header.dim}-d {header.kind} index, {kind} wanted"
         if header.generation > self._db.generation() or header.max_seq > self._db.last_seq():
             return None, "it is newer than the database"
@@ -423,6 +489,8 @@ class DemonstrationStore:
     def _after_write(self, persist_threshold: int | None = None) -> None:
         """Called under the writer mutex: switch or compact the index when due, and
         persist it when enough has changed."""
+        if self.read_only:
+            return  # A reader serves the index as its writer left it, and persists nothing.
         want = self._resolve_kind(self._alive)
         dead = self._index.ntotal - self._alive
         grow = self._index.kind == FLAT and want != FLAT
@@ -434,7 +502,7 @@ class DemonstrationStore:
             with self._rw.write():
                 self._index = fresh
             self._unpersisted = max(self._unpersisted, 1)
-        if self.read_only or not self._unpersisted:
+        if not self._unpersisted:
             return
         threshold = persist_threshold or max(
             PERSIST_MIN_CHANGES, math.ceil(PERSIST_FRACTION * self._alive)
@@ -444,16 +512,19 @@ class DemonstrationStore:
 
     def _persist(self) -> None:
         with self._rw.read():
-            header = IndexHeader(
-                kind=self._index.kind,
-                dim=self.dim,
-                store_uid=self._store_uid,
-                generation=self._db.generation(),
-                ntotal=self._index.ntotal,
-                max_seq=self._max_seq,
-            )
-            self._index.save(self.path / INDEX_FILE, header)
+            self._index.save(self.path / INDEX_FILE, self._header(self._db.generation()))
         self._unpersisted = 0
+
+    def _header(self, generation: int) -> IndexHeader:
+        """What the in-memory index reflects (caller holds the writer mutex)."""
+        return IndexHeader(
+            kind=self._index.kind,
+            dim=self.dim,
+            store_uid=self._store_uid,
+            generation=generation,
+            ntotal=self._index.ntotal,
+            max_seq=self._max_seq,
+        )
 
     def _track(self, seqs: np.ndarray, task_nos: np.ndarray) -> None:
         """Record new rows in the in-memory task map (caller holds the write side)."""

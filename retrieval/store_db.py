@@ -71,14 +71,46 @@ class DatabaseError(RuntimeError):
     pass
 
 
+@dataclass
+class PinnedRead:
+    """The database as of one generation (see StoreDB.pin)."""
+
+    conn: sqlite3.Connection
+    generation: int
+
+    def backup_to(self, path: Path) -> None:
+        """Copy the pinned state into a new database file at `path` with SQLite's backup
+        API: a consistent copy of a live WAL database, where copying its files is not."""
+        dest = sqlite3.connect(path, isolation_level=None)
+        try:
+            # One step (pages=-1) reads everything inside the pinned transaction.
+            self.conn.backup(dest, pages=-1)
+            # The copy inherits WAL mode from the source's header; rollback mode makes it
+            # one self-contained file that readers open without -wal or -shm files.
+            dest.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            dest.close()
+
+    def close(self) -> None:
+        self.conn.close()  # Ends the read transaction.
+
+
 class StoreDB:
     """SQLite access: one writer connection (callers serialize writes) and a pool of
     read-only connections, so searches on many threads never share a connection."""
 
-    def __init__(self, path: Path, dim: int, *, read_only: bool = False) -> None:
+    def __init__(
+        self, path: Path, dim: int, *, read_only: bool = False, immutable: bool = False
+    ) -> None:
+        if immutable and not read_only:
+            raise DatabaseError("an immutable database can only be opened read-only")
         self.path = path
         self.dim = dim
         self.read_only = read_only
+        # A published snapshot never changes: SQLite may then skip locks and the -wal and
+        # -shm files, which are unreliable (or impossible, on a read-only mount) on the
+        # network file systems that share snapshots between replicas.
+        self.immutable = immutable
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = []
         if read_only:
@@ -94,8 +126,14 @@ class StoreDB:
 
     # -- connections
 
+    def _uri(self, *, read_only: bool) -> str:
+        query = ""
+        if read_only:
+            query = "?mode=ro&immutable=1" if self.immutable else "?mode=ro"
+        return f"{self.path.resolve().as_uri()}{query}"
+
     def _connect(self, *, read_only: bool) -> sqlite3.Connection:
-        uri = f"{self.path.resolve().as_uri()}{'?mode=ro' if read_only else ''}"
+        uri = self._uri(read_only=read_only)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one
         # transaction and nothing is committed behind our back.
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -131,6 +169,23 @@ class StoreDB:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def pin(self) -> PinnedRead:
+        """A read transaction on a connection of its own, begun now: what it reads (and
+        copies) stays as of this moment while writers go on (WAL readers never block
+        writers). Close it soon: WAL checkpoints cannot pass it."""
+        conn = sqlite3.connect(
+            self._uri(read_only=True), uri=True, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("BEGIN")
+            # The transaction takes its snapshot at its first read.
+            row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return PinnedRead(conn, int(row[0]))
 
     def close(self) -> None:
         for conn in self._all:

@@ -49,6 +49,29 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--port", type=int, help="Port to bind (default 8000).")
     _add_engine_flags(p)
     p.add_argument(
+        "--store-readonly",
+        dest="store_readonly",
+        action="store_const",
+        const=True,
+        help="Serve the store as a read-only replica: the snapshot its CURRENT names (or "
+        "the flat store), writes refused (env CROSSTASK_STORE_READONLY).",
+    )
+    p.add_argument(
+        "--store-publish-snapshots",
+        dest="store_publish_snapshots",
+        action="store_const",
+        const=True,
+        help="Be the store's one writer for read-only replicas: publish a snapshot of the "
+        "store after writes (env CROSSTASK_STORE_PUBLISH_SNAPSHOTS).",
+    )
+    p.add_argument(
+        "--store-reload-seconds",
+        dest="store_reload_seconds",
+        type=float,
+        help="Read-only: check the store's CURRENT this often for a newer snapshot "
+        "(default 30; 0 = never).",
+    )
+    p.add_argument(
         "--api-key",
         dest="api_keys",
         action="append",
@@ -168,10 +191,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from retrieval.retriever import Retriever, open_retriever
+    from retrieval.retriever import Retriever, open_replica
     from serve.api.app import create_app
 
-    settings = _settings(args, ["host", "port", "api_keys", "admin_key", *_ENGINE_FIELDS])
+    settings = _settings(args, ["host", "port", "api_keys", "admin_key", *_SERVE_FIELDS])
     _configure_logging(settings.log_level)
     engine_config = _engine_config(settings)
     store_dir = _store_dir(settings)
@@ -198,10 +221,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def open_store() -> Retriever | None:
         if store_dir is None:
             return None
-        retriever = open_retriever(store_dir, settings.embedder)
-        log.info(
-            "Demonstration store: %s (%d demonstrations, %s index; default k=%d, prompt format %s)",
+        retriever = open_replica(
             store_dir,
+            settings.embedder,
+            read_only=settings.store_readonly,
+            publish=settings.store_publish_snapshots,
+            reload_seconds=settings.store_reload_seconds,
+            grace_seconds=settings.store_snapshot_grace_seconds,
+        )
+        if not settings.store_readonly:
+            role = "writer" + (", publishing snapshots" if retriever.publisher else "")
+        elif retriever.follower is not None:
+            role = f"read-only, reloading every {settings.store_reload_seconds:g} s"
+        else:
+            role = "read-only"
+        log.info(
+            "Demonstration store: %s, %s (%d demonstrations, %s index; default k=%d, "
+            "prompt format %s)",
+            retriever.store.path,
+            role,
             retriever.store.count(),
             retriever.store.index_kind,
             settings.default_k,
@@ -500,6 +538,13 @@ _ENGINE_FIELDS = [
     "enforce_eager",
     "log_level",
 ]
+# `crosstask batch` always reads the store read-only and never reloads it.
+_SERVE_FIELDS = [
+    *_ENGINE_FIELDS,
+    "store_readonly",
+    "store_publish_snapshots",
+    "store_reload_seconds",
+]
 
 
 def _add_batch(sub: Any) -> None:
@@ -574,7 +619,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     store_dir = _store_dir(settings)
 
     async def run() -> dict[str, Any]:
-        from retrieval.retriever import open_retriever
+        from retrieval.retriever import open_replica
         from serve.api.chat_completion.serving import ChatServing
         from serve.api.completion.serving import CompletionServing
         from serve.engine import Engine
@@ -582,8 +627,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         from serve.pipeline import Pipeline
 
         engine_task = asyncio.create_task(asyncio.to_thread(Engine.start, engine_config))
+        # The snapshot CURRENT names (or a flat store), as a read-only server reads it.
         retriever = (
-            await asyncio.to_thread(open_retriever, store_dir, settings.embedder, read_only=True)
+            await asyncio.to_thread(open_replica, store_dir, settings.embedder, read_only=True)
             if store_dir is not None
             else None
         )

@@ -78,7 +78,13 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
             registry=r,
         )
-        self.store_size = Gauge("crosstask_store_size", "Demonstrations in the store.", registry=r)
+        # Per pod: a read-only replica counts the snapshot it serves, so one that lags
+        # behind the writer shows.
+        self.store_size = Gauge(
+            "crosstask_store_size",
+            "Demonstrations in the store (on a read-only replica: in the snapshot it serves).",
+            registry=r,
+        )
         self.routing_requests = Counter(
             "crosstask_routing_requests",
             "Generation requests by the routing mode served (off, adapter, merge).",

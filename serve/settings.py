@@ -55,6 +55,35 @@ class Settings(BaseSettings):
         description="A sentence-transformers folder; None is the embedded all-MiniLM-L6-v2.",
     )
 
+    # The demonstration store with several replicas (deploy/README.md): one read-write
+    # server publishes snapshots of the store; read-only ones serve the newest snapshot.
+    store_readonly: bool = Field(
+        default=False,
+        description="Serve the store read-only (a replica): open the snapshot CURRENT "
+        "names (or a flat store as it is) and answer writes 403 `store_read_only`.",
+    )
+    store_publish_snapshots: bool = Field(
+        default=False,
+        description="A read-write server (the store's one writer) publishes a snapshot of "
+        "the store after writes, for read-only replicas. Off for a lone server: each "
+        "snapshot is a full copy of the store.",
+    )
+    store_reload_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="A read-only server checks the store's CURRENT this often and swaps "
+        "in a newer snapshot (0: never).",
+    )
+    store_snapshot_grace_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="The writer deletes a replaced snapshot this long after it stopped "
+        "being current or previous; must exceed the readers' reload period plus the time "
+        "they take to open a snapshot.",
+    )
+
     # Retrieval.
     default_k: int = Field(
         default=4,

@@ -45,16 +45,22 @@ async def _start_engine(
     open_retriever: RetrieverOpener,
     open_routing: RoutingOpener,
 ) -> None:
+    retriever: Retriever | None = None
     try:
         # Loading and compiling blocks for tens of seconds; threads keep /health
         # answering 503 meanwhile, and the store opens while the engine compiles.
         engine_task = asyncio.create_task(asyncio.to_thread(start, state.engine_config))
         retriever = await asyncio.to_thread(open_retriever)
+        if retriever is not None:
+            # Snapshot publishing (the store's writer) or following (a read-only replica).
+            retriever.start()
         engine = await engine_task
         routing = await asyncio.to_thread(open_routing, engine, retriever)
     except Exception as exc:
         log.exception("Start-up failed")
         state.fail(f"start-up failed: {exc}")
+        if retriever is not None:
+            await retriever.close()
         state.on_fatal(1)
         return
     state.attach(engine, retriever, routing)

@@ -49,11 +49,12 @@ def test_store_settings_are_documented_and_used():
         "CROSSTASK_STORE_READONLY=true",
         "CROSSTASK_STORE_READONLY=false",
         "CROSSTASK_STORE_RELOAD_SECONDS",
+        "CROSSTASK_STORE_SNAPSHOT_GRACE_SECONDS",
     ):
         assert setting in text
-    assert "Server side, still to be implemented" in text
-    reload_seconds = configmap_data(render("cpu"))["CROSSTASK_STORE_RELOAD_SECONDS"]
-    assert f"`CROSSTASK_STORE_RELOAD_SECONDS={reload_seconds}`" in text
+    data = configmap_data(render("cpu"))
+    for name in ("CROSSTASK_STORE_RELOAD_SECONDS", "CROSSTASK_STORE_SNAPSHOT_GRACE_SECONDS"):
+        assert f"`{name}={data[name]}`" in text
 
 
 def test_batch_numbers():

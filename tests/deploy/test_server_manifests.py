@@ -214,6 +214,10 @@ def test_configmap_settings(overlay):
     assert data["CROSSTASK_STORE"] == "/var/lib/crosstask/store"
     assert data["CROSSTASK_ADAPTERS"] == "/var/lib/crosstask/adapters"
     assert int(data["CROSSTASK_STORE_RELOAD_SECONDS"]) > 0
+    # Readers must have moved off a replaced snapshot before the writer deletes it.
+    assert int(data["CROSSTASK_STORE_SNAPSHOT_GRACE_SECONDS"]) > 2 * int(
+        data["CROSSTASK_STORE_RELOAD_SECONDS"]
+    )
     for key in (
         "CROSSTASK_MAX_WAITING",
         "CROSSTASK_MAX_NUM_SEQS",
@@ -247,12 +251,16 @@ def test_writer_owns_the_store(overlay):
     assert volumes["store"]["persistentVolumeClaim"] == {"claimName": "crosstask-store"}
     mounts = {m["name"]: m for m in server(overlay, WRITER)["volumeMounts"]}
     assert not mounts["store"].get("readOnly", False)
-    assert env_map(server(overlay, WRITER))["CROSSTASK_STORE_READONLY"]["value"] == "false"
+    writer_env = env_map(server(overlay, WRITER))
+    assert writer_env["CROSSTASK_STORE_READONLY"]["value"] == "false"
+    assert writer_env["CROSSTASK_STORE_PUBLISH_SNAPSHOTS"]["value"] == "true"
     # First install: the writer seeds the shared volumes; readers wait for it.
     (seed,) = spec["initContainers"]
     assert ".seeded" in seed["command"][-1]
     (wait,) = pod_spec(overlay, READER)["initContainers"]
     assert ".seeded" in wait["command"][-1]
+    # ... and for its first published snapshot, which a read-only mount can open.
+    assert "/var/lib/crosstask/store/CURRENT" in wait["command"][-1]
 
 
 @overlays

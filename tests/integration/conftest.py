@@ -130,6 +130,9 @@ def server(
         CROSSTASK_API_KEYS="test-key-1,test-key-2",
         CROSSTASK_ADMIN_KEY="test-admin-key",
         CROSSTASK_STORE=str(store_dir),
+        # The session server is also the writer that tests/integration/test_store_replicas.py
+        # reads snapshots from.
+        CROSSTASK_STORE_PUBLISH_SNAPSHOTS="true",
         CROSSTASK_ADAPTERS=str(adapters_dir),
         # Clear thresholds for the crafted prototypes above (the defaults are calibrated
         # on the dev tasks for the real library).

@@ -18,6 +18,19 @@ from serve.errors import APIError, bad_request
 from serve.metrics import Metrics
 
 
+def store_read_only() -> APIError:
+    return APIError(
+        "This server is a read-only replica of the demonstration store "
+        "(CROSSTASK_STORE_READONLY=true). Send writes to the store's writer, the server "
+        "without that setting (on Kubernetes: Service crosstask-store-writer); replicas "
+        "pick them up with its next published snapshot.",
+        403,
+        "invalid_request_error",
+        None,
+        "store_read_only",
+    )
+
+
 class DemonstrationServing:
     def __init__(self, retriever: Retriever, metrics: Metrics) -> None:
         self.retriever = retriever
@@ -25,6 +38,9 @@ class DemonstrationServing:
         metrics.store_size.set_function(lambda: float(retriever.store.count()))
 
     async def add(self, request: AddDemonstrationsRequest) -> AddDemonstrationsResponse:
+        if self.retriever.store.read_only:
+            # Refused before the embedding: this replica could never store the result.
+            raise store_read_only()
         records = [
             NewDemo(
                 task=request.task,
