@@ -677,6 +677,7 @@ def _cmd_batch_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from routing.cli import add_adapters_parser
     from serve.evaluation import add_eval_parser
 
     parser = argparse.ArgumentParser(
@@ -690,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch(sub)
     _add_batch_merge(sub)
     add_eval_parser(sub)
+    add_adapters_parser(sub)
     return parser
 
 

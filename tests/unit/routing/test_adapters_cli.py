@@ -1,0 +1,103 @@
+"""`adapters train` argument handling and `adapters list` (no training here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from routing.adapter_meta import AdapterMeta, Prototype, write_meta
+from routing.cli import add_adapters_parser, format_table, library_rows, recipe_from_args
+from routing.training import ALL_LINEAR, Recipe, recipe_from_json
+from serve.cli import main
+
+BASE = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_adapters_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["adapters", *argv])
+
+
+def test_train_flags_make_the_recipe(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("alpha\n# a comment\nbeta\n\nalpha\n")
+    args = _parse(
+        ["train", "--out", str(tmp_path / "lib"), "--tasks", str(tasks), "--groups", "3",
+         "--rank", "16", "--specialist-rank", "2", "--per-task", "7", "--seed", "5",
+         "--demo-fraction", "0.25", "--lr", "0.002"]
+    )  # fmt: skip
+    recipe: Recipe = recipe_from_args(args)
+    assert recipe.tasks == ("alpha", "beta")
+    assert recipe.generalist is not None and recipe.specialists is not None
+    assert (recipe.generalist.rank, recipe.generalist.alpha) == (16, 32.0)
+    assert recipe.generalist.per_task == 7
+    assert recipe.generalist.learning_rate == recipe.specialists.learning_rate == 0.002
+    assert (recipe.specialists.rank, recipe.specialists.groups) == (2, 3)
+    assert recipe.specialists.grouping_seed == recipe.data.seed == recipe.train.seed == 5
+    assert recipe.data.demo_fraction == 0.25
+    assert recipe.generalist.target_modules == ALL_LINEAR
+    assert recipe_from_json(json.loads(json.dumps(recipe.to_json()))) == recipe
+
+
+def test_groups_zero_and_no_generalist(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("alpha\n")
+    only_generalist = recipe_from_args(
+        _parse(["train", "--out", "x", "--tasks", str(tasks), "--groups", "0"])
+    )
+    assert only_generalist.specialists is None
+    only_specialists = recipe_from_args(
+        _parse(["train", "--out", "x", "--tasks", str(tasks), "--no-generalist"])
+    )
+    assert only_specialists.generalist is None
+
+
+def test_recipe_and_shaping_flags_do_not_mix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["adapters", "train", "--out", str(tmp_path / "o"), "--recipe", "r.json",
+                 "--rank", "4"])  # fmt: skip
+    assert code == 2
+    assert "--rank cannot be combined with --recipe" in capsys.readouterr().err
+
+
+def _adapter(folder: Path, name: str, rank: int, tasks: list[str], meta: bool = True) -> None:
+    path = folder / name
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": rank}))
+    if meta:
+        write_meta(
+            path,
+            AdapterMeta(
+                name=name,
+                kind="generalist" if name == "generalist" else "specialist",
+                tasks=tasks,
+                rank=rank,
+                base_model=BASE,
+                prototype=Prototype("e", 1, [[1.0, 0.0]], [1]),
+            ),
+        )
+
+
+def test_list_shows_every_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _adapter(tmp_path, "generalist", 8, ["a", "b", "c"])
+    _adapter(tmp_path, "spec-0-x", 4, ["a"])
+    _adapter(tmp_path, "bare", 2, [], meta=False)
+    (tmp_path / ".work").mkdir()
+    assert library_rows(tmp_path) == [
+        ["bare", "no metadata", "2", "-"],
+        ["generalist", "generalist", "8", "3"],
+        ["spec-0-x", "specialist", "4", "1"],
+    ]
+    assert main(["adapters", "list", "--adapters", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["name", "kind", "rank", "tasks"]
+    assert out[2].split() == ["generalist", "generalist", "8", "3"]
+
+
+def test_table_aligns_columns() -> None:
+    assert format_table(["a", "bb"], [["ccc", "d"]]) == "a    bb\nccc  d"
