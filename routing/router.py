@@ -103,18 +103,30 @@ def route(
     config: RouterConfig | None = None,
     top_k: int | None = None,
 ) -> Route:
-    config = config or RouterConfig()
     excluded = set(exclude_tasks)
     allowed = [a for a in adapters if not excluded.intersection(a.tasks)]
     generalists = [a for a in allowed if a.kind == "generalist"]
-    specialists = [a for a in allowed if a.kind == "specialist"]
     scores = sorted(
-        (Scored(a.name, similarity(query, a)) for a in specialists),
+        (Scored(a.name, similarity(query, a)) for a in allowed if a.kind == "specialist"),
         key=lambda s: s.similarity,
         reverse=True,
     )
-    k = top_k or config.top_k
+    general = max(generalists, key=lambda a: similarity(query, a)).name if generalists else None
+    return decide(scores, general, config, top_k)
 
+
+def decide(
+    scores: Sequence[Scored],
+    generalist: str | None,
+    config: RouterConfig | None = None,
+    top_k: int | None = None,
+) -> Route:
+    """The decision from the allowed specialists' similarities (best first) and the
+    allowed generalist's name (None: none allowed). Separate from `route` so that the
+    thresholds can be calibrated on recorded similarities (bench/calibrate_router.py)."""
+    config = config or RouterConfig()
+    scores = list(scores)
+    k = top_k or config.top_k
     if scores:
         best = scores[0]
         runner_up = scores[1].similarity if len(scores) > 1 else -1.0
@@ -133,7 +145,6 @@ def route(
             close = close[:1]
         if len(close) == 1:
             return Route("adapter", [(close[0].name, 1.0)], scores, "one specialist close")
-    if config.fallback == "generalist" and generalists:
-        general = max(generalists, key=lambda a: similarity(query, a))
-        return Route("adapter", [(general.name, 1.0)], scores, "no specialist close: generalist")
+    if config.fallback == "generalist" and generalist is not None:
+        return Route("adapter", [(generalist, 1.0)], scores, "no specialist close: generalist")
     return Route("off", [], scores, "no adapter close enough")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from routing.adapter_meta import packaged_library_dir
 from routing.merge import MergeCache, MergeError, Source
 from routing.registry import Adapter, AdapterRegistry
 from routing.router import RouterConfig, route
@@ -45,6 +46,10 @@ class Plan:
     lora: tuple[str, Path] | None = None
     merge_hit: bool | None = None
     merge_seconds: float = 0.0
+    # The router's view, for `auto` only: each candidate specialist's similarity to the
+    # request (best first) and why it chose what it chose.
+    scores: list[tuple[str, float]] = field(default_factory=list)
+    reason: str = ""
 
 
 @dataclass
@@ -119,11 +124,16 @@ class RoutingService:
             decision = route(
                 query, self.registry.routable(), request.exclude_tasks, self.config, request.top_k
             )
-            if decision.mode == "off":
-                return Plan("off")
-            return await self._merge_or_single(
-                [n for n, _ in decision.adapters], [w for _, w in decision.adapters]
+            plan = (
+                Plan("off")
+                if decision.mode == "off"
+                else await self._merge_or_single(
+                    [n for n, _ in decision.adapters], [w for _, w in decision.adapters]
+                )
             )
+            plan.scores = [(s.name, round(s.similarity, 4)) for s in decision.scores]
+            plan.reason = decision.reason
+            return plan
         if mode == "adapter":
             if len(names) != 1:
                 raise RoutingError(
@@ -187,7 +197,7 @@ class RoutingService:
 
 def default_library() -> Path | None:
     """The adapter library shipped with crosstask (routing/library), if installed."""
-    folder = Path(__file__).resolve().parent / "library"
+    folder = packaged_library_dir()
     return folder if folder.is_dir() and any(p.is_dir() for p in folder.iterdir()) else None
 
 

@@ -89,6 +89,8 @@ class DemonstrationRef:
 class RoutingDecision:
     mode: str
     adapters: list[tuple[str, float]] = field(default_factory=list)
+    scores: list[tuple[str, float]] = field(default_factory=list)
+    reason: str = ""
 
 
 @dataclass
@@ -160,7 +162,7 @@ class Pipeline:
         demos: list[Hit] = []
         if k > 0 and vector is not None:
             demos = await self._search(request, vector, k)
-        plan_mode, plan_adapters, lora = await self._route(routing_request, vector)
+        decision, lora = await self._route(routing_request, vector)
         prompt_ids, demos = self._assemble(request, demos)
         params = self._fit_to_context(request, prompt_ids)
         if demos:
@@ -170,7 +172,7 @@ class Pipeline:
             params=params,
             annotation=Annotation(
                 demonstrations=[DemonstrationRef(h.id, h.task, h.score) for h in demos],
-                routing=RoutingDecision(plan_mode, plan_adapters),
+                routing=decision,
             ),
             received_at=received_at,
             lora=lora,
@@ -191,9 +193,9 @@ class Pipeline:
 
     async def _route(
         self, routing_request: RoutingRequest | None, vector: np.ndarray | None
-    ) -> tuple[str, list[tuple[str, float]], LoraTarget | None]:
+    ) -> tuple[RoutingDecision, LoraTarget | None]:
         if self.routing is None or routing_request is None:
-            return "off", [], None
+            return RoutingDecision("off"), None
         if self.routing.needs_query(routing_request) and self.retriever is None:
             raise bad_request(
                 "Routing with `auto` compares the request's embedding with the adapters'; "
@@ -216,7 +218,7 @@ class Pipeline:
                 self.metrics.merge_cache_misses.inc()
                 self.metrics.merge_build_seconds.observe(plan.merge_seconds)
         lora = LoraTarget(plan.lora[0], plan.lora[1]) if plan.lora is not None else None
-        return plan.mode, plan.adapters, lora
+        return RoutingDecision(plan.mode, plan.adapters, plan.scores, plan.reason), lora
 
     def _check_model(self, model: str) -> None:
         if model in (self.model_name, AUTO_MODEL):

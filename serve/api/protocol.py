@@ -82,9 +82,18 @@ class AdapterWeight(BaseModel):
     weight: float
 
 
+class AdapterScore(BaseModel):
+    name: str
+    similarity: float
+
+
 class RoutingAnnotation(BaseModel):
     mode: str
     adapters: list[AdapterWeight] = Field(default_factory=list)
+    # Extensions (auto only): the router's candidates and its reason, so a client can see
+    # why a request was routed as it was.
+    scores: list[AdapterScore] = Field(default_factory=list)
+    reason: str = ""
 
 
 class CrosstaskAnnotation(BaseModel):
@@ -103,6 +112,8 @@ class CrosstaskAnnotation(BaseModel):
             routing=RoutingAnnotation(
                 mode=annotation.routing.mode,
                 adapters=[AdapterWeight(name=n, weight=w) for n, w in annotation.routing.adapters],
+                scores=[AdapterScore(name=n, similarity=s) for n, s in annotation.routing.scores],
+                reason=annotation.routing.reason,
             ),
         )
 

@@ -63,8 +63,13 @@ def test_an_adapter_changes_the_output_and_model_name_equals_routing(server: Ser
     by_model = chat(server, model="alpha")
     by_routing = chat(server, crosstask={"routing": {"mode": "adapter", "adapters": ["alpha"]}})
     assert text(by_model) == text(by_routing) != base
-    assert routing(by_model) == {"mode": "adapter", "adapters": [{"name": "alpha", "weight": 1.0}]}
-    assert routing(chat(server)) == {"mode": "off", "adapters": []}
+    assert routing(by_model) == {
+        "mode": "adapter",
+        "adapters": [{"name": "alpha", "weight": 1.0}],
+        "scores": [],
+        "reason": "",
+    }
+    assert routing(chat(server)) == {"mode": "off", "adapters": [], "scores": [], "reason": ""}
 
 
 def test_merge_is_served_from_cache_after_the_first_build(server: Server) -> None:
@@ -73,6 +78,8 @@ def test_merge_is_served_from_cache_after_the_first_build(server: Server) -> Non
     assert routing(first) == {
         "mode": "merge",
         "adapters": [{"name": "alpha", "weight": 0.75}, {"name": "beta", "weight": 0.25}],
+        "scores": [],
+        "reason": "",
     }
     hits = server.metric("crosstask_merge_cache_hits_total")
     second = chat(server, crosstask=body)
@@ -91,6 +98,10 @@ def test_auto_routes_by_the_query_and_honours_exclusions(server: Server) -> None
     ]
     chosen = routing(chat(server, model="auto", messages=french))
     assert chosen["mode"] == "adapter" and chosen["adapters"][0]["name"] == "alpha"
+    # The router says why: every candidate specialist's similarity, nearest first.
+    assert chosen["scores"][0]["name"] == "alpha"
+    similarities = [s["similarity"] for s in chosen["scores"]]
+    assert similarities == sorted(similarities, reverse=True) and chosen["reason"]
     excluded = routing(
         chat(server, model="auto", messages=french, crosstask={"exclude_tasks": ["task_alpha"]})
     )

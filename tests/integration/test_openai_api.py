@@ -228,7 +228,12 @@ def test_auto_model_with_routing_off_serves_base(
         extra_body={"crosstask": {"routing": {"mode": "off"}}},
     )
     assert auto.choices[0].message.content == base.choices[0].message.content
-    assert auto.model_extra["crosstask"]["routing"] == {"mode": "off", "adapters": []}  # type: ignore[index]
+    assert auto.model_extra["crosstask"]["routing"] == {
+        "mode": "off",
+        "adapters": [],
+        "scores": [],
+        "reason": "",
+    }  # type: ignore[index]
 
 
 def test_health_and_metrics(server: Server) -> None:

@@ -89,7 +89,12 @@ def test_chat_round_trip(client: TestClient) -> None:
     body = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3}).json()
     assert body["choices"][0]["message"]["content"] == "w0 w1 w2 "
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
-    assert body["crosstask"]["routing"] == {"mode": "off", "adapters": []}
+    assert body["crosstask"]["routing"] == {
+        "mode": "off",
+        "adapters": [],
+        "scores": [],
+        "reason": "",
+    }
 
 
 def test_default_max_tokens_fills_the_context(client: TestClient) -> None:
