@@ -12,6 +12,8 @@ The modes, and what each sends (`K` is `--k`):
   with the definition as the system message). `zero` is the better of the two.
 - `retrieval`: the chat messages, with K retrieved demonstrations, base model.
 - `adapter`: no demonstrations, `routing.mode = "auto"` (the router picks adapters).
+- `generalist`: no demonstrations, the adapter named `generalist` alone (`routing.mode =
+  "adapter"`): the reference the router's choices are measured against.
 - `auto`: K demonstrations and `routing.mode = "auto"`.
 - `fusion`: no demonstrations, `routing.mode = "fuse"`.
 
@@ -48,9 +50,12 @@ if TYPE_CHECKING:
     from rouge_score.rouge_scorer import RougeScorer
 
 MODES = ("zero", "retrieval", "adapter", "auto", "fusion")
+# Extra modes that run only when asked for by name.
+EXTRA_MODES = ("generalist",)
+GENERALIST_ADAPTER = "generalist"
 ZERO_VARIANTS = ("zero_plain", "zero_chat")
 # What `--modes` accepts: the public modes, plus the two zero-shot formats on their own.
-KNOWN_MODES = (*MODES, *ZERO_VARIANTS)
+KNOWN_MODES = (*MODES, *EXTRA_MODES, *ZERO_VARIANTS)
 
 DEFAULT_LIMIT = 40
 DEFAULT_K = 4
@@ -164,11 +169,15 @@ class Variant:
     endpoint: Literal["completions", "chat"]
     k: int
     routing: str
+    adapters: tuple[str, ...] = ()
 
     def extension(self, task: str) -> dict[str, Any]:
+        routing: dict[str, Any] = {"mode": self.routing}
+        if self.adapters:
+            routing["adapters"] = list(self.adapters)
         return {
             "demonstrations": {"k": self.k},
-            "routing": {"mode": self.routing},
+            "routing": routing,
             "exclude_tasks": [task],
         }
 
@@ -198,6 +207,7 @@ def variants_for(modes: Sequence[str], k: int) -> list[Variant]:
         "adapter": Variant("adapter", "chat", 0, "auto"),
         "auto": Variant("auto", "chat", k, "auto"),
         "fusion": Variant("fusion", "chat", 0, "fuse"),
+        "generalist": Variant("generalist", "chat", 0, "adapter", (GENERALIST_ADAPTER,)),
     }
     names: list[str] = []
     for mode in modes:
@@ -665,7 +675,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "exact match, 0 to 100, the best over the accepted targets, macro-averaged over "
         "tasks. Modes: zero (no help; plain completion and chat formats, the better one "
         "counts), retrieval (K demonstrations), adapter (routing auto, no demonstrations), "
-        "auto (both), fusion (routing fuse). A mode the server refuses is reported as an "
+        "auto (both), fusion (routing fuse); generalist (the adapter named generalist "
+        "alone, only when asked for). A mode the server refuses is reported as an "
         "error; the exit code is 1 only if every mode failed.",
     )
     p.add_argument("--base-url", required=True, help="Server URL, e.g. http://127.0.0.1:8000.")
@@ -738,7 +749,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _default_source(sdist: Path | None) -> TaskSource:
+def default_task_source(sdist: Path | None) -> TaskSource:
     from retrieval.sources import BigBenchSource, ensure_bigbench_sdist
     from serve.settings import Settings
 
@@ -776,7 +787,7 @@ def cmd_eval(args: argparse.Namespace, source: TaskSource | None = None) -> int:
         raise SystemExit(f"--tasks {args.tasks}: no task names in the file")
     config = _config_from_args(args, tasks)
     try:
-        source = source or _default_source(args.bigbench_sdist)
+        source = source or default_task_source(args.bigbench_sdist)
         result = asyncio.run(run_eval(config, source))
     except (SourceError, UnknownTaskError) as exc:
         raise SystemExit(f"crosstask eval: {exc}") from exc

@@ -275,6 +275,12 @@ def test_modes_parse_and_expand() -> None:
         "exclude_tasks": ["t"],
     }
     assert variants["fusion"].extension("t")["routing"] == {"mode": "fuse"}
+    generalist = variants_for(parse_modes("generalist"), k=3)[0]
+    assert generalist.extension("t") == {
+        "demonstrations": {"k": 0},
+        "routing": {"mode": "adapter", "adapters": ["generalist"]},
+        "exclude_tasks": ["t"],
+    }
     assert api_base("http://h:1/") == "http://h:1/v1"
     assert api_base("http://h:1/v1") == "http://h:1/v1"
 
