@@ -81,7 +81,7 @@ class Shard:
         return cls(index, count)
 
     def owns(self, key: str) -> bool:
-        return self.count == 1 or zlib.crc32(key.encode()) % self.count == self.index
+        return self.count == 1 or zlib.crc32(_utf8(key)) % self.count == self.index
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -115,6 +115,13 @@ class BatchLine:
         return self.custom_id if self.custom_id is not None else f"line:{self.number}"
 
 
+def _utf8(text: str) -> bytes:
+    # A custom_id may hold lone surrogates (JSON carries them as \udXXX escapes), which
+    # strict UTF-8 refuses; "surrogatepass" gives every string bytes, and a valid one
+    # exactly its UTF-8, so digests and shard assignment are unchanged for the rest.
+    return text.encode("utf-8", "surrogatepass")
+
+
 def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, content) of every non-blank line, streamed."""
     with path.open("rb") as fh:
@@ -130,6 +137,9 @@ def parse_line(number: int, raw: bytes) -> BatchLine:
         data = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         line.error = LineError("invalid_json", f"Line {number} is not valid JSON: {exc}")
+        return line
+    except RecursionError:
+        line.error = LineError("invalid_json", f"Line {number} is nested too deeply.")
         return line
     if not isinstance(data, dict):
         line.error = LineError("invalid_json", f"Line {number} is not a JSON object.")
@@ -188,7 +198,7 @@ def output_record(
 
 
 def _digest(custom_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(_utf8(custom_id), digest_size=8).digest(), "little")
 
 
 @dataclass
@@ -235,9 +245,13 @@ class OutputLog:
                 os.fsync(fh.fileno())
 
     def write(self, record: dict[str, Any]) -> None:
-        data = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        try:
+            data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        except UnicodeEncodeError:
+            # Lone surrogates (a custom_id from \udXXX escapes): keep them as escapes.
+            data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         # One write of the whole line: a crash leaves at most one torn line, at the end.
-        self._fh.write(data.encode())
+        self._fh.write(data)
         self._fh.flush()
         self.done_lines.add(record["line"])
 
