@@ -2,7 +2,7 @@
 `crosstask serve`, for a fixed time, with retrieval on.
 
 Each client loops until the time is up, sending one request at a time of a kind drawn from
-the request kinds (`base_kinds`, `routing_kinds`): chat or completion, streaming or not,
+the request kinds (`base_kinds`, `adapter_kinds`): chat or completion, streaming or not,
 and streams that the client abandons after a couple of chunks (the intended disconnects).
 Every request carries a unique marker (`user` is `load-<run>-<n>`; with --seed, `seed` is n
 too) and asks for its own number of tokens with `ignore_eos`, so that a response cannot
@@ -15,21 +15,34 @@ pass for another request's. Afterwards the script checks:
 - nothing left running in the engine, and the server's memory and open file descriptors
   (its process and the engine's) before and after, for flatness.
 
+Adapter traffic (unless --no-adapters): the adapters come from the server's GET
+/v1/adapters at start (none listed: no adapter traffic, and the report says so). A share of
+the requests (--adapter-share) then goes to a few adapters and merges, kinds `*_adapter*`
+with `model` set to an adapter's name, `*_merge*` with `crosstask.routing` = {"mode":
+"merge", "adapters": [A, B], "weights": [...]} over a few pairs and weight vectors (one of
+them new in every run, so that the merge cache sees misses as well as hits), and `*_auto*`
+with `model: "auto"` (the router decides). Each response's routing annotation is checked
+against what was asked (`wrong_routing` otherwise), and the report's `adapter_traffic`
+holds per-kind and per-target counts, errors and latencies, the merge cache's hit and miss
+counters (crosstask_merge_cache_{hits,misses}_total) before and after, and the server's
+routing counts by mode.
+
 Writes bench/results/load.json: throughput, latency and TTFT percentiles (per kind and
-overall), errors by kind, RSS and fds.
+overall), errors by kind, RSS and fds, and the adapter traffic section.
 
     flock /tmp/crosstask-cpu.lock .venv/bin/python bench/load.py [--clients 128] [--duration 60]
     .venv/bin/python bench/load.py --base-url http://127.0.0.1:8000 --server-pid PID
 
-Without --base-url it starts `crosstask serve` itself (the default model and store).
-Adapter and merge traffic: see `routing_kinds`, which adds those kinds when the server lists
-adapters under /v1/adapters.
+Without --base-url it starts `crosstask serve` itself (the default model and store; pass
+`--server-arg=--adapters --server-arg=DIR` for an adapter library).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import itertools
 import json
 import os
 import random
@@ -41,8 +54,9 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +66,17 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 MODEL = "smollm2-135m-instruct"
+AUTO_MODEL = "auto"
 RESULTS = Path(__file__).resolve().parent / "results" / "load.json"
 SEEDED = False  # --seed
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# Adapter traffic: how many of the listed adapters, how many pairs of them to merge, and the
+# merge weights (distinct after normalisation; `fresh_weights` adds one per run). Pairs times
+# vectors (2 x 4) stays below the merge cache's default size (16), so that repeats hit.
+MAX_ADAPTERS = 3
+MAX_MERGE_PAIRS = 2
+MERGE_WEIGHTS = ((0.5, 0.5), (0.7, 0.3), (0.25, 0.75))
+ADAPTER_SHARE = 0.3
 
 # Short instructions with inputs, so that retrieval finds demonstrations for them.
 TASKS = [
@@ -82,6 +104,107 @@ class Outcome:
     completion_tokens: int | None = None
     prompt_tokens: int | None = None
     detail: str = ""
+    target: str | None = None  # adapter traffic: the Target's label
+    served: str | None = None  # the routing mode the server's annotation reports
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one adapter-traffic request goes: the `model` it names, the
+    `crosstask.routing` it sends (None: none), and the routing the server must report
+    (`expect_mode` None: whatever the router decides)."""
+
+    label: str
+    model: str = MODEL
+    routing: dict[str, Any] | None = None
+    expect_mode: str | None = None
+    expect_adapters: tuple[str, ...] = ()
+
+
+@dataclass
+class AdapterPlan:
+    """The adapter traffic of a run, from the adapters the server lists."""
+
+    adapters: list[str]
+    named: list[Target]  # model = an adapter's name
+    merges: list[Target]  # crosstask.routing merge of two adapters, a few weight vectors
+    auto: list[Target]  # model = "auto"
+    note: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.named or self.merges or self.auto)
+
+
+def fresh_weights(run: str) -> tuple[float, float]:
+    """A merge weight pair of this run only: 0.305 to 0.695, never one of MERGE_WEIGHTS
+    (after normalisation), so that a server whose merge cache outlived an earlier run
+    still builds a merge per pair (misses) before serving it from the cache (hits)."""
+    first = round(0.305 + (zlib.crc32(run.encode()) % 40) / 100, 3)
+    return first, round(1 - first, 3)
+
+
+def plan_adapter_traffic(
+    adapters: Sequence[str],
+    run: str,
+    enabled: bool = True,
+    max_adapters: int = MAX_ADAPTERS,
+    max_pairs: int = MAX_MERGE_PAIRS,
+) -> AdapterPlan:
+    if not enabled:
+        return AdapterPlan([], [], [], [], "adapter traffic off (--no-adapters)")
+    used = list(dict.fromkeys(a for a in adapters if a))[:max_adapters]
+    if not used:
+        return AdapterPlan(
+            [],
+            [],
+            [],
+            [],
+            "the server lists no adapters (GET /v1/adapters): adapter traffic skipped",
+        )
+    named = [Target(f"adapter:{n}", n, None, "adapter", (n,)) for n in used]
+    auto = [Target("auto", AUTO_MODEL)]
+    pairs = list(itertools.combinations(used, 2))[:max_pairs]
+    merges = [
+        Target(
+            f"merge:{a}+{b}@{wa:g}/{wb:g}",
+            MODEL,
+            {"mode": "merge", "adapters": [a, b], "weights": [wa, wb]},
+            "merge",
+            (a, b),
+        )
+        for a, b in pairs
+        for wa, wb in (*MERGE_WEIGHTS, fresh_weights(run))
+    ]
+    note = "" if merges else "one adapter listed: no merge traffic"
+    return AdapterPlan(used, named, merges, auto, note)
+
+
+def _pick(targets: Sequence[Target], seq: int) -> Target | None:
+    return targets[seq % len(targets)] if targets else None
+
+
+def _routing_annotation(obj: Any) -> dict[str, Any] | None:
+    """The `crosstask.routing` annotation of a response or chunk, when it has one."""
+    crosstask = (getattr(obj, "model_extra", None) or {}).get("crosstask")
+    if isinstance(crosstask, dict) and isinstance(crosstask.get("routing"), dict):
+        return crosstask["routing"]
+    return None
+
+
+def _check_routing(outcome: Outcome, target: Target | None, routing: dict[str, Any] | None) -> None:
+    """Record the served routing mode; for a named adapter or a merge, it must be what was
+    asked, with those adapters (a request served by the wrong weights is not an answer)."""
+    if target is None or routing is None:
+        return
+    mode = routing.get("mode")
+    outcome.served = str(mode)
+    if target.expect_mode is None or outcome.status != "ok":
+        return
+    names = sorted(str(a.get("name")) for a in routing.get("adapters") or [] if isinstance(a, dict))
+    if mode != target.expect_mode or names != sorted(target.expect_adapters):
+        outcome.status = "wrong_routing"
+        outcome.detail = f"asked {target.label}, served {mode} {names}"
 
 
 @dataclass
@@ -128,18 +251,22 @@ def chat_kind(
     stream: bool,
     disconnect_after: int | None = None,
     crosstask: dict[str, Any] | None = None,
+    targets: Sequence[Target] = (),
 ) -> Kind:
     async def send(client: openai.AsyncOpenAI, seq: int, ctx: dict[str, Any]) -> Outcome:
-        f = _request_fields(seq, ctx["run"], {"crosstask": crosstask or ctx["crosstask"]})
+        target = _pick(targets, seq)
+        f = _request_fields(seq, ctx["run"], {"crosstask": _crosstask(crosstask, ctx, target)})
         messages: list[ChatCompletionMessageParam] = [
             {"role": "system", "content": f["definition"]},
             {"role": "user", "content": f["text"]},
         ]
         started = time.monotonic()
         outcome = Outcome(seq, name, "/v1/chat/completions", started, 0.0)
+        outcome.target = target.label if target else None
+        model = target.model if target else MODEL
         if not stream:
             reply = await client.chat.completions.create(
-                model=MODEL,
+                model=model,
                 messages=messages,
                 max_tokens=f["max_tokens"],
                 user=f["user"],
@@ -151,9 +278,10 @@ def chat_kind(
             outcome.completion_tokens = reply.usage.completion_tokens if reply.usage else None
             outcome.prompt_tokens = reply.usage.prompt_tokens if reply.usage else None
             _check_tokens(outcome, f["max_tokens"], reply.choices[0].finish_reason)
+            _check_routing(outcome, target, _routing_annotation(reply))
             return outcome
         events = await client.chat.completions.create(
-            model=MODEL,
+            model=model,
             messages=messages,
             max_tokens=f["max_tokens"],
             user=f["user"],
@@ -164,8 +292,10 @@ def chat_kind(
         )
         chunks = 0
         finish: str | None = None
+        routing: dict[str, Any] | None = None
         try:
             async for chunk in events:
+                routing = _routing_annotation(chunk) or routing
                 outcome.response_id = outcome.response_id or chunk.id
                 if chunk.id != outcome.response_id:
                     outcome.status = "mixed_stream"
@@ -186,22 +316,41 @@ def chat_kind(
         outcome.latency = time.monotonic() - started
         if outcome.status == "ok":
             _check_tokens(outcome, f["max_tokens"], finish)
+            _check_routing(outcome, target, routing)
         return outcome
 
     return Kind(name, weight, "/v1/chat/completions", send)
 
 
+def _crosstask(
+    crosstask: dict[str, Any] | None, ctx: dict[str, Any], target: Target | None
+) -> dict[str, Any]:
+    """The request's `crosstask` object: the kind's (or the run's) with the target's
+    routing, if any."""
+    base = dict(crosstask or ctx["crosstask"])
+    if target is not None and target.routing is not None:
+        base["routing"] = target.routing
+    return base
+
+
 def completion_kind(
-    name: str, weight: float, stream: bool, crosstask: dict[str, Any] | None = None
+    name: str,
+    weight: float,
+    stream: bool,
+    crosstask: dict[str, Any] | None = None,
+    targets: Sequence[Target] = (),
 ) -> Kind:
     async def send(client: openai.AsyncOpenAI, seq: int, ctx: dict[str, Any]) -> Outcome:
-        f = _request_fields(seq, ctx["run"], {"crosstask": crosstask or ctx["crosstask"]})
+        target = _pick(targets, seq)
+        f = _request_fields(seq, ctx["run"], {"crosstask": _crosstask(crosstask, ctx, target)})
         prompt = f"{f['definition']}\n\n{f['text']}\n"
         started = time.monotonic()
         outcome = Outcome(seq, name, "/v1/completions", started, 0.0)
+        outcome.target = target.label if target else None
+        model = target.model if target else MODEL
         if not stream:
             reply = await client.completions.create(
-                model=MODEL,
+                model=model,
                 prompt=prompt,
                 max_tokens=f["max_tokens"],
                 user=f["user"],
@@ -213,9 +362,10 @@ def completion_kind(
             outcome.completion_tokens = reply.usage.completion_tokens if reply.usage else None
             outcome.prompt_tokens = reply.usage.prompt_tokens if reply.usage else None
             _check_tokens(outcome, f["max_tokens"], reply.choices[0].finish_reason)
+            _check_routing(outcome, target, _routing_annotation(reply))
             return outcome
         events = await client.completions.create(
-            model=MODEL,
+            model=model,
             prompt=prompt,
             max_tokens=f["max_tokens"],
             user=f["user"],
@@ -225,8 +375,10 @@ def completion_kind(
             extra_body=f["extra_body"],
         )
         finish: str | None = None
+        routing: dict[str, Any] | None = None
         try:
             async for chunk in events:
+                routing = _routing_annotation(chunk) or routing
                 outcome.response_id = outcome.response_id or chunk.id
                 if chunk.choices and chunk.choices[0].text and outcome.ttft is None:
                     outcome.ttft = time.monotonic() - started
@@ -239,6 +391,7 @@ def completion_kind(
             await events.close()
         outcome.latency = time.monotonic() - started
         _check_tokens(outcome, f["max_tokens"], finish)
+        _check_routing(outcome, target, routing)
         return outcome
 
     return Kind(name, weight, "/v1/completions", send)
@@ -255,44 +408,38 @@ def base_kinds() -> list[Kind]:
     ]
 
 
-def routing_kinds(adapters: list[str], k: int) -> list[Kind]:
-    """Where adapter and merge traffic plugs in: one kind per routing mode the server can
-    serve, built from the adapters it lists (none listed, none added)."""
+def adapter_kinds(plan: AdapterPlan) -> list[Kind]:
+    """The adapter traffic's kinds (relative weights; `mix` sets their share): requests
+    naming an adapter as `model`, merges by `crosstask.routing`, and `model: "auto"`, each
+    both streamed and not. Each request picks its target from the plan by its number."""
     kinds: list[Kind] = []
-    demonstrations = {"k": k}
-    if adapters:
-        kinds.append(
-            chat_kind(
-                "chat_adapter",
-                1,
-                stream=False,
-                crosstask={
-                    "demonstrations": demonstrations,
-                    "routing": {"mode": "adapter", "adapters": adapters[:1]},
-                },
-            )
-        )
-        kinds.append(
-            chat_kind(
-                "chat_auto_stream",
-                1,
-                stream=True,
-                crosstask={"demonstrations": demonstrations, "routing": {"mode": "auto"}},
-            )
-        )
-    if len(adapters) >= 2:
-        kinds.append(
-            chat_kind(
-                "chat_merge",
-                1,
-                stream=False,
-                crosstask={
-                    "demonstrations": demonstrations,
-                    "routing": {"mode": "merge", "adapters": adapters[:2], "weights": [0.6, 0.4]},
-                },
-            )
-        )
+    if plan.named:
+        kinds += [
+            chat_kind("chat_adapter", 2, stream=False, targets=plan.named),
+            completion_kind("completion_adapter_stream", 1, stream=True, targets=plan.named),
+        ]
+    if plan.merges:
+        kinds += [
+            chat_kind("chat_merge", 2, stream=False, targets=plan.merges),
+            chat_kind("chat_merge_stream", 1, stream=True, targets=plan.merges),
+        ]
+    if plan.auto:
+        kinds += [
+            chat_kind("chat_auto", 1, stream=False, targets=plan.auto),
+            chat_kind("chat_auto_stream", 1, stream=True, targets=plan.auto),
+        ]
     return kinds
+
+
+def mix(base: list[Kind], extra: list[Kind], share: float) -> list[Kind]:
+    """`base` and `extra`, with `extra`'s weights scaled so that it draws `share` of the
+    requests (its kinds keep their weights relative to each other)."""
+    if not extra or share <= 0:
+        return list(base)
+    if not share < 1:
+        raise ValueError("the adapter share must be below 1")
+    factor = share * sum(k.weight for k in base) / ((1 - share) * sum(k.weight for k in extra))
+    return [*base, *(dataclasses.replace(k, weight=round(k.weight * factor, 4)) for k in extra)]
 
 
 def _classify(exc: BaseException) -> str:
@@ -442,6 +589,48 @@ def metric(base_url: str, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def adapter_counters(text: str) -> dict[str, Any]:
+    """The adapter traffic's server-side counters from /metrics text: the merge cache's hits
+    and misses, and generation requests by routing mode and by adapter."""
+
+    def single(name: str) -> float | None:
+        match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+        return float(match.group(1)) if match else None
+
+    def labelled(name: str, label: str) -> dict[str, float]:
+        pattern = rf'^{re.escape(name)}\{{{label}="([^"]*)"\}} ([0-9.e+-]+)$'
+        return {key: float(value) for key, value in re.findall(pattern, text, re.M)}
+
+    return {
+        "merge_cache_hits": single("crosstask_merge_cache_hits_total"),
+        "merge_cache_misses": single("crosstask_merge_cache_misses_total"),
+        "routing_requests_by_mode": labelled("crosstask_routing_requests_total", "mode"),
+        "adapter_requests": labelled("crosstask_adapter_requests_total", "adapter"),
+    }
+
+
+def counters_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    def minus(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    return {
+        "merge_cache_hits": minus(after["merge_cache_hits"], before["merge_cache_hits"]),
+        "merge_cache_misses": minus(after["merge_cache_misses"], before["merge_cache_misses"]),
+        **{
+            group: {
+                key: value - before[group].get(key, 0.0)
+                for key, value in after[group].items()
+                if value - before[group].get(key, 0.0)
+            }
+            for group in ("routing_requests_by_mode", "adapter_requests")
+        },
+    }
+
+
+def scrape(base_url: str) -> str:
+    return httpx.get(f"{base_url}/metrics", timeout=30).text
+
+
 # -- the run --------------------------------------------------------------------------
 
 
@@ -458,18 +647,18 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
 
 async def run(args: argparse.Namespace, base_url: str, server_pid: int | None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    adapters: list[str] = []
-    try:
-        listed = httpx.get(f"{base_url}/v1/adapters", headers=headers, timeout=30)
-        if listed.status_code == 200:
-            adapters = [a.get("name", a.get("id")) for a in listed.json().get("data", [])]
-    except httpx.HTTPError:
-        pass
-    kinds = base_kinds() + (routing_kinds(adapters, args.k) if args.routing else [])
+    adapters, listing_note = list_adapters(base_url, headers)
+    ctx: dict[str, Any] = {
+        "run": uuid.uuid4().hex[:8],
+        "crosstask": {"demonstrations": {"k": args.k}},
+    }
+    plan = plan_adapter_traffic(adapters, ctx["run"], enabled=args.routing)
+    if listing_note and not plan.enabled and args.routing:
+        plan.note = f"{plan.note} ({listing_note})"
+    kinds = mix(base_kinds(), adapter_kinds(plan), args.adapter_share)
     if args.kinds:
         wanted = set(args.kinds.split(","))
         kinds = [k for k in kinds if k.name in wanted]
-    ctx = {"run": uuid.uuid4().hex[:8], "crosstask": {"demonstrations": {"k": args.k}}}
 
     # The client's default pool (1,000 connections) is enough for every client at once.
     client = openai.AsyncOpenAI(
@@ -488,6 +677,7 @@ async def run(args: argparse.Namespace, base_url: str, server_pid: int | None) -
     before = resources(server_pid) if server_pid else None
     counts_before = route_counts(base_url)
     aborted_before = metric(base_url, "crosstask_requests_aborted_total") or 0.0
+    adapter_before = adapter_counters(scrape(base_url))
 
     counter = iter(range(10**9))
     outcomes: list[Outcome] = []
@@ -532,6 +722,7 @@ async def run(args: argparse.Namespace, base_url: str, server_pid: int | None) -
     after = resources(server_pid) if server_pid else None
     counts_after = route_counts(base_url)
     aborted_after = metric(base_url, "crosstask_requests_aborted_total") or 0.0
+    adapter_after = adapter_counters(scrape(base_url))
 
     report = summarize(
         args,
@@ -546,6 +737,9 @@ async def run(args: argparse.Namespace, base_url: str, server_pid: int | None) -
         adapters,
     )
     report["rounds"] = rounds
+    report["adapter_traffic"] = adapter_report(
+        plan, kinds, outcomes, adapter_before, adapter_after, args.adapter_share
+    )
     if len(rounds) >= 2 and server_pid:
         # Growth from the end of the first round to the end of the last: the first round
         # also pays for one-off allocations (caches, pools), which are not leaks.
@@ -557,6 +751,76 @@ async def run(args: argparse.Namespace, base_url: str, server_pid: int | None) -
             "total_fds_delta": last["total_fds"] - first["total_fds"],
         }
     return report
+
+
+def list_adapters(base_url: str, headers: dict[str, str]) -> tuple[list[str], str]:
+    """The adapter names GET /v1/adapters lists, and why there are none when that fails."""
+    try:
+        listed = httpx.get(f"{base_url}/v1/adapters", headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        return [], f"GET /v1/adapters failed: {exc}"
+    if listed.status_code != 200:
+        return [], f"GET /v1/adapters answered {listed.status_code}: {listed.text[:200]}"
+    cards = listed.json().get("data", [])
+    return [str(c.get("id") or c.get("name")) for c in cards if c.get("id") or c.get("name")], ""
+
+
+def _kind_stats(mine: list[Outcome]) -> dict[str, Any]:
+    intended = {"ok", "disconnected", "http_429"}
+    good = [o for o in mine if o.status == "ok"]
+    return {
+        "requests": len(mine),
+        "ok": len(good),
+        "errors": dict(Counter(o.status for o in mine if o.status not in intended)),
+        "http_429": sum(o.status == "http_429" for o in mine),
+        "latency_s": _percentiles([o.latency for o in good]),
+        "ttft_s": _percentiles([o.ttft for o in good if o.ttft is not None]),
+    }
+
+
+def adapter_report(
+    plan: AdapterPlan,
+    kinds: list[Kind],
+    outcomes: list[Outcome],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    share: float,
+) -> dict[str, Any]:
+    """The adapter traffic: what was planned, per kind and per target, and the merge cache
+    and routing counters of the server (before and after the load)."""
+    names = {k.name for k in adapter_kinds(plan)} & {k.name for k in kinds}
+    mine = [o for o in outcomes if o.kind in names]
+    delta = counters_delta(before, after)
+    hits, misses = delta["merge_cache_hits"], delta["merge_cache_misses"]
+    return {
+        "enabled": bool(names),
+        "note": plan.note or ("" if names else "no adapter kinds selected (--kinds)"),
+        "share_asked": share if names else 0.0,
+        "share_sent": round(len(mine) / len(outcomes), 3) if outcomes else 0.0,
+        "adapters_listed": plan.adapters,
+        "adapters_used": [t.model for t in plan.named],
+        "merges": [t.routing for t in plan.merges],
+        "distinct_merges": len(plan.merges),
+        "by_kind": {
+            kind: _kind_stats([o for o in mine if o.kind == kind]) for kind in sorted(names)
+        },
+        "by_target": {
+            label: _kind_stats([o for o in mine if o.target == label])
+            for label in sorted({o.target for o in mine if o.target})
+        },
+        "auto_served_modes": dict(
+            Counter(o.served or "unknown" for o in mine if o.target == "auto" and o.status == "ok")
+        ),
+        "merge_cache": {
+            "before": {"hits": before["merge_cache_hits"], "misses": before["merge_cache_misses"]},
+            "after": {"hits": after["merge_cache_hits"], "misses": after["merge_cache_misses"]},
+            "hits": hits,
+            "misses": misses,
+            "saw_hits_and_misses": bool(hits and misses),
+        },
+        "server_routing_requests_by_mode": delta["routing_requests_by_mode"],
+        "server_adapter_requests": delta["adapter_requests"],
+    }
 
 
 async def settle(base_url: str) -> None:
@@ -689,10 +953,19 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="Per-request timeout (s).")
     parser.add_argument("--kinds", help="Comma-separated subset of the request kinds.")
     parser.add_argument(
+        "--no-adapters",
         "--no-routing",
         dest="routing",
         action="store_false",
-        help="Leave out adapter/merge kinds even when the server lists adapters.",
+        help="No adapter traffic (adapter, merge and auto kinds) even when the server lists "
+        "adapters.",
+    )
+    parser.add_argument(
+        "--adapter-share",
+        type=float,
+        default=ADAPTER_SHARE,
+        help="Share of the requests that is adapter traffic, when the server lists adapters "
+        f"(0 to below 1; default {ADAPTER_SHARE}).",
     )
     parser.add_argument(
         "--server-arg",
@@ -707,6 +980,8 @@ def main() -> int:
         "--seed", action="store_true", help="Also send `seed` (the request's number)."
     )
     args = parser.parse_args()
+    if not 0 <= args.adapter_share < 1:
+        parser.error("--adapter-share must be at least 0 and below 1")
     global SEEDED
     SEEDED = args.seed
 
@@ -746,6 +1021,13 @@ def main() -> int:
     summary["integrity_ok"] = report["integrity"]["ok"]
     summary["resources_delta"] = report["resources_delta"]
     summary["resources_delta_after_first_round"] = report.get("resources_delta_after_first_round")
+    traffic = report["adapter_traffic"]
+    summary["adapter_traffic"] = {
+        "enabled": traffic["enabled"],
+        "note": traffic["note"],
+        "requests": sum(k["requests"] for k in traffic["by_kind"].values()),
+        "merge_cache": {k: traffic["merge_cache"][k] for k in ("hits", "misses")},
+    }
     print(json.dumps(summary, indent=2))
     print(f"report: {args.out}")
     return 0 if report["passed"] else 1
