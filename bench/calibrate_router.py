@@ -18,7 +18,7 @@ committed next to them.
 
     python bench/calibrate_router.py --base-url http://127.0.0.1:8000 \\
         --tasks ../shared/bigbench/dev_tasks.txt --limit 20 \\
-        --out bench/results/router_calibration.json
+        --out bench/calibration/router_dev_tasks.json
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ FALLBACKS = ("generalist", "off")
 
 @dataclass(frozen=True)
 class RouterConfig:
-    single_min: float = 0.5
+    # The calibrated defaults (serve/settings.py says why).
+    single_min: float = 0.6
     single_margin: float = 0.05
-    merge_min: float = 0.4
+    merge_min: float = 1.0
     top_k: int = 2
     temperature: float = 0.05
     # Merge weights are rounded to this grid: every distinct weight vector is a merge to
