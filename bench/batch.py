@@ -107,6 +107,8 @@ def crosstask_cmd(source: Path, out: Path, engine: dict[str, Any], k: int) -> li
         str(out.with_suffix(".summary.json")),
         "--default-k",
         str(k),
+        # Routing off: the base model alone, as vLLM's run-batch serves it.
+        "--no-adapters",
         "--kv-cache-gb",
         str(engine["kv_cache_gb"]),
         "--max-num-seqs",

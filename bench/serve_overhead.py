@@ -102,13 +102,15 @@ def _start(
             str(port),
         ]
     else:
-        # An empty home: no default store is found, so retrieval and routing are off.
+        # An empty home: no default store is found, so retrieval is off; routing is off
+        # with --no-adapters below.
         env["CROSSTASK_HOME"] = str(log_dir / "empty-home")
         command = [
             sys.executable,
             "-m",
             "serve.cli",
             "serve",
+            "--no-adapters",
             "--model",
             str(model_dir),
             "--served-model-name",

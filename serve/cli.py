@@ -123,6 +123,8 @@ def _adapters_dir(settings: Any) -> Path | None:
     """--adapters, else the default library shipped with crosstask (None: no LoRA)."""
     from routing.service import default_library
 
+    if not settings.adapters_enabled:
+        return None
     if settings.adapters is not None:
         folder = settings.adapters.expanduser().resolve()
         if not folder.is_dir():
@@ -461,6 +463,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "crosstask, routing/library).",
     )
     p.add_argument(
+        "--no-adapters",
+        dest="adapters_enabled",
+        action="store_const",
+        const=False,
+        help="Serve the base model alone: LoRA off in the engine (env "
+        "CROSSTASK_ADAPTERS_ENABLED=false).",
+    )
+    p.add_argument(
         "--model",
         type=Path,
         help="A Hugging Face-format model folder to serve instead of the embedded "
@@ -526,6 +536,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 _ENGINE_FIELDS = [
     "model",
     "adapters",
+    "adapters_enabled",
     "served_model_name",
     "store",
     "embedder",

@@ -48,7 +48,12 @@ class Settings(BaseSettings):
     adapters: Path | None = Field(
         default=None,
         description="Adapter library folder (runtime loads are confined below it); None "
-        "serves the default library from CROSSTASK_HOME/adapters when it is installed.",
+        "serves the default library shipped with crosstask (routing/library).",
+    )
+    adapters_enabled: bool = Field(
+        default=True,
+        description="False serves the base model alone: LoRA off in the engine, no "
+        "adapters, every routing mode but `off` refused.",
     )
     embedder: Path | None = Field(
         default=None,

@@ -86,6 +86,7 @@ def crosstask_batch(source: Path, out: Path, *extra: str) -> list[str]:
         str(out),
         "--default-k",
         "0",
+        "--no-adapters",
         "--no-progress",
         *ENGINE_FLAGS,
         *extra,

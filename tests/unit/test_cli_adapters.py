@@ -1,0 +1,31 @@
+"""Which adapter library a server or batch job serves: the shipped one by default, another
+folder by --adapters, none with --no-adapters (LoRA then off in the engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from routing.service import default_library
+from serve.cli import _SERVE_FIELDS, _adapters_dir, _settings, build_parser
+
+
+def _parsed(monkeypatch: pytest.MonkeyPatch, *argv: str):  # type: ignore[no-untyped-def]
+    for name in ("CROSSTASK_ADAPTERS", "CROSSTASK_ADAPTERS_ENABLED"):
+        monkeypatch.delenv(name, raising=False)
+    return _settings(build_parser().parse_args(["serve", *argv]), _SERVE_FIELDS)
+
+
+def test_the_shipped_library_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _adapters_dir(_parsed(monkeypatch)) == default_library()
+
+
+def test_another_folder_or_none(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert _adapters_dir(_parsed(monkeypatch, "--adapters", str(tmp_path))) == tmp_path.resolve()
+    assert _adapters_dir(_parsed(monkeypatch, "--no-adapters")) is None
+    monkeypatch.setenv("CROSSTASK_ADAPTERS_ENABLED", "false")
+    settings = _settings(build_parser().parse_args(["serve"]), _SERVE_FIELDS)
+    assert _adapters_dir(settings) is None
+    with pytest.raises(SystemExit, match="no such folder"):
+        _adapters_dir(_parsed(monkeypatch, "--adapters", str(tmp_path / "missing")))
