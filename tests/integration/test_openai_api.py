@@ -42,7 +42,10 @@ def test_chat_completion(openai_client: openai.OpenAI, server: Server, tokenizer
     assert result.usage.prompt_tokens == len(prompt_ids)
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
     annotation = result.model_extra["crosstask"]  # type: ignore[index]
-    assert annotation == {"demonstrations": [], "routing": {"mode": "off", "adapters": []}}
+    assert annotation == {
+        "demonstrations": [],
+        "routing": {"mode": "off", "adapters": [], "scores": [], "reason": ""},
+    }
 
 
 def test_completion_usage_counts_generated_tokens(
