@@ -26,6 +26,7 @@ import numpy as np
 from routing.adapter_meta import AdapterMeta
 
 FALLBACKS = ("generalist", "off")
+COMBINES = ("merge", "fuse")
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,13 @@ class RouterConfig:
     # build and a LoRA slot to load, so nearby requests should share one.
     weight_step: float = 0.1
     fallback: str = "generalist"
+    # How several close specialists are combined: "merge" (one merged LoRA) or "fuse"
+    # (their logits fused at every step, routing/fusion).
+    combine: str = "merge"
 
     def __post_init__(self) -> None:
+        if self.combine not in COMBINES:
+            raise ValueError(f"router combine must be one of {COMBINES}, not {self.combine!r}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"router fallback must be one of {FALLBACKS}, not {self.fallback!r}")
         if self.temperature <= 0 or self.top_k < 1:
@@ -56,7 +62,8 @@ class Scored:
 
 @dataclass
 class Route:
-    """What the router chose: mode "off", "adapter" or "merge", with normalized weights."""
+    """What the router chose: mode "off", "adapter", "merge" or "fuse", with normalized
+    weights."""
 
     mode: str
     adapters: list[tuple[str, float]] = field(default_factory=list)
@@ -142,7 +149,7 @@ def decide(
             )
             chosen = [(s.name, w) for s, w in zip(close, weights, strict=True) if w > 0]
             if len(chosen) >= 2:
-                return Route("merge", chosen, scores, "several specialists close")
+                return Route(config.combine, chosen, scores, "several specialists close")
             close = close[:1]
         if len(close) == 1:
             return Route("adapter", [(close[0].name, 1.0)], scores, "one specialist close")

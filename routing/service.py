@@ -6,12 +6,18 @@ adapter, or a cached weighted merge of several.
     base name (or unset mode)     off / absent        base model
     base name or "auto"           adapter [name]      that adapter
     base name or "auto"           merge [names, w]    the merge (weights default to equal)
+    base name or "auto"           fuse [names, w]     the base and those adapters, their
+                                                      logits fused at every step (weights
+                                                      default to equal; alpha "dynamic")
+    base name or "auto"           fuse (no names)     the same, with the router's top_k
+                                                      specialists and its weights
     "auto"                        absent / auto       the router decides (routing/router.py)
     an adapter's name             absent / adapter    that adapter
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from routing.adapter_meta import packaged_library_dir
+from routing.fusion.spec import MAX_ABS_ALPHA
+from routing.fusion.spec import MAX_ADAPTERS as MAX_FUSED_ADAPTERS
 from routing.merge import MergeCache, MergeError, Source
 from routing.registry import Adapter, AdapterRegistry
-from routing.router import RouterConfig, route
+from routing.router import RouterConfig, route, softmax_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,11 @@ class Plan:
     # request (best first) and why it chose what it chose.
     scores: list[tuple[str, float]] = field(default_factory=list)
     reason: str = ""
+    # For "fuse": the member adapters (name, folder) in order, their fixed weights (None:
+    # dynamic per step) and the prior weights that dynamic fusion starts from.
+    fusion: list[tuple[str, Path]] = field(default_factory=list)
+    alphas: list[float] | None = None
+    prior: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -60,6 +73,7 @@ class RoutingRequest:
     weights: list[float] | None
     top_k: int | None
     exclude_tasks: Sequence[str]
+    alpha: str | None = None
 
 
 class RoutingService:
@@ -88,13 +102,14 @@ class RoutingService:
         return "adapter"  # the model names an adapter
 
     def needs_query(self, request: RoutingRequest) -> bool:
-        return self.resolve_mode(request) == "auto"
+        mode = self.resolve_mode(request)
+        return mode == "auto" or (mode == "fuse" and not request.adapters)
 
     async def plan(self, request: RoutingRequest, query: np.ndarray | None) -> Plan:
         mode = self.resolve_mode(request)
         names = list(request.adapters or [])
         model_adapter = self.registry.get(request.model)
-        if model_adapter is not None and not names and mode in ("adapter", "merge"):
+        if model_adapter is not None and not names and mode in ("adapter", "merge", "fuse"):
             names = [request.model]
         elif model_adapter is not None and mode in ("off", "auto"):
             raise RoutingError(
@@ -109,11 +124,10 @@ class RoutingService:
                 )
             return Plan("off")
         if mode == "fuse":
+            return self._fuse(request, names, query)
+        if request.alpha is not None:
             raise RoutingError(
-                "routing.mode 'fuse' (logit fusion) is not served by this build yet; use "
-                "'adapter', 'merge' or 'auto'",
-                "crosstask.routing.mode",
-                "unsupported_value",
+                "routing.alpha applies to routing.mode 'fuse' only", "crosstask.routing.alpha"
             )
         if mode == "auto":
             if names:
@@ -124,13 +138,15 @@ class RoutingService:
             decision = route(
                 query, self.registry.routable(), request.exclude_tasks, self.config, request.top_k
             )
-            plan = (
-                Plan("off")
-                if decision.mode == "off"
-                else await self._merge_or_single(
-                    [n for n, _ in decision.adapters], [w for _, w in decision.adapters]
-                )
-            )
+            names = [n for n, _ in decision.adapters]
+            weights = [w for _, w in decision.adapters]
+            if decision.mode == "off":
+                plan = Plan("off")
+            elif decision.mode == "fuse":
+                fuse_request = dataclasses.replace(request, weights=weights, alpha=None)
+                plan = self._fuse(fuse_request, names, query)
+            else:
+                plan = await self._merge_or_single(names, weights)
             plan.scores = [(s.name, round(s.similarity, 4)) for s in decision.scores]
             plan.reason = decision.reason
             return plan
@@ -151,6 +167,71 @@ class RoutingService:
                 )
             return await self._merge_or_single(names, request.weights, force_merge=True)
         raise RoutingError(f"unknown routing.mode {mode!r}", "crosstask.routing.mode")
+
+    def _fuse(self, request: RoutingRequest, names: list[str], query: np.ndarray | None) -> Plan:
+        weights = request.weights
+        scores: list[tuple[str, float]] = []
+        reason = ""
+        if not names:
+            if query is None:
+                raise RoutingError(
+                    "routing.mode 'fuse' without routing.adapters fuses the router's nearest "
+                    "specialists, which needs a text query; name the adapters",
+                    "crosstask.routing.adapters",
+                )
+            decision = route(
+                query, self.registry.routable(), request.exclude_tasks, self.config, None
+            )
+            k = request.top_k or self.config.top_k
+            nearest = decision.scores[:k]
+            if not nearest:
+                raise RoutingError(
+                    "no specialist is allowed for this request to fuse; name the adapters",
+                    "crosstask.routing.adapters",
+                )
+            names = [s.name for s in nearest]
+            if weights is None:
+                weights = softmax_weights(
+                    [s.similarity for s in nearest], self.config.temperature, 0.0
+                )
+            scores = [(s.name, round(s.similarity, 4)) for s in decision.scores]
+            reason = f"the {len(names)} nearest specialists"
+        if len(names) > MAX_FUSED_ADAPTERS:
+            raise RoutingError(
+                f"routing.mode 'fuse' takes at most {MAX_FUSED_ADAPTERS} adapters",
+                "crosstask.routing.adapters",
+            )
+        adapters = [self._get(n) for n in names]  # one adapter twice is allowed
+        if weights is not None and len(weights) != len(adapters):
+            raise RoutingError(
+                "routing.weights needs one weight per adapter", "crosstask.routing.weights"
+            )
+        dynamic = request.alpha == "dynamic"
+        if weights is not None and any(abs(w) > MAX_ABS_ALPHA for w in weights):
+            raise RoutingError(
+                f"fusion weights must lie in [-{MAX_ABS_ALPHA}, {MAX_ABS_ALPHA}]",
+                "crosstask.routing.weights",
+            )
+        if dynamic and weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+            raise RoutingError(
+                "with alpha 'dynamic', routing.weights are prior weights: non-negative with "
+                "a positive sum",
+                "crosstask.routing.weights",
+            )
+        equal = [1.0 / len(adapters)] * len(adapters)
+        alphas = None if dynamic else list(weights if weights is not None else equal)
+        prior = list(weights if weights is not None and dynamic else equal)
+        shown = alphas if alphas is not None else [w / sum(prior) for w in prior]
+        return Plan(
+            "fuse",
+            [(a.name, round(w, 6)) for a, w in zip(adapters, shown, strict=True)],
+            scores=scores,
+            reason=(reason + "; " if reason else "")
+            + ("dynamic weights per step (prior shown)" if dynamic else "fixed weights"),
+            fusion=[(a.name, a.path) for a in adapters],
+            alphas=alphas,
+            prior=prior,
+        )
 
     def _get(self, name: str) -> Adapter:
         adapter = self.registry.get(name)

@@ -116,6 +116,7 @@ def _engine_config(settings: Any) -> Any:
         max_loras=settings.max_loras,
         max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
         max_lora_rank=settings.max_lora_rank,
+        enable_fusion=settings.fusion_enabled,
     )
 
 
@@ -150,6 +151,7 @@ def _routing_opener(settings: Any, engine_config: Any) -> Any:
             top_k=settings.router_top_k,
             temperature=settings.router_temperature,
             fallback=settings.router_fallback,
+            combine=settings.router_combine,
         )
         return build_routing(
             root,
@@ -471,6 +473,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "CROSSTASK_ADAPTERS_ENABLED=false).",
     )
     p.add_argument(
+        "--no-fusion",
+        dest="fusion_enabled",
+        action="store_const",
+        const=False,
+        help="Leave crosstask's logit-fusion processor and scheduler out of the engine; "
+        "routing.mode 'fuse' is then refused (env CROSSTASK_FUSION_ENABLED=false).",
+    )
+    p.add_argument(
         "--model",
         type=Path,
         help="A Hugging Face-format model folder to serve instead of the embedded "
@@ -537,6 +547,7 @@ _ENGINE_FIELDS = [
     "model",
     "adapters",
     "adapters_enabled",
+    "fusion_enabled",
     "served_model_name",
     "store",
     "embedder",

@@ -3,10 +3,12 @@ prefix caching, streaming) and speaks plain dataclasses to the rest of crosstask
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import secrets
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,13 @@ class EngineConfig:
     # One of vLLM's allowed values (8, 16, 32, 64, ...). 32: an exact merge (concatenated
     # factors) of up to four rank-8 adapters fits without truncation.
     max_lora_rank: int = 32
+    # Logit fusion (routing/fusion): installs the fusion logits processor and the
+    # group-aware scheduler. Only with LoRA on: a group fuses adapters with the base.
+    enable_fusion: bool = True
+
+    @property
+    def fusion_on(self) -> bool:
+        return self.enable_lora and self.enable_fusion
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,16 @@ class LoraTarget:
 
     name: str
     path: Path
+
+
+@dataclass
+class FusionTarget:
+    """A fusion group: the adapters whose logits are fused with the base model's, and the
+    weights (None: dynamic weights per step, `prior` weighting the adapters)."""
+
+    adapters: list[LoraTarget]
+    alphas: list[float] | None
+    prior: list[float]
 
 
 @dataclass
@@ -90,6 +109,11 @@ class EngineNotReadyError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class FusionError(RuntimeError):
+    """A fusion group that could not be kept in lockstep (the request fails; a retry may
+    succeed) or cannot be served by this engine."""
 
 
 class InvalidParamsError(ValueError):
@@ -165,6 +189,7 @@ class Engine:
             trust_remote_code=False,
             disable_log_stats=True,
             **_lora_args(config),
+            **_fusion_args(config),
         )
         log.info(
             "Starting vLLM on %s (dtype %s, eager %s, KV cache %.1f GiB)",
@@ -201,6 +226,13 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------
 
+    def fusion_prompt_limit(self, members: int) -> int:
+        """The longest prompt a fusion group of `members` can have: every member prefills
+        it in one step (routing/fusion/scheduler.py), beside one token per running request."""
+        scheduler = self._llm.vllm_config.scheduler_config
+        room = int(scheduler.max_num_batched_tokens) - int(scheduler.max_num_seqs)
+        return max(0, room // members)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -219,7 +251,8 @@ class Engine:
         params: GenerationParams,
         request_id: str,
         lora: LoraTarget | None = None,
-    ) -> AsyncIterator[list[OutputDelta]]:
+        extra_args: dict[str, Any] | None = None,
+    ) -> AsyncGenerator[list[OutputDelta], None]:
         """Yield the deltas of each engine step until every choice has finished. Closing the
         iterator early (client gone) aborts the request inside vLLM. With `lora`, generate
         with that adapter (loaded first if need be; LoraLoadError if vLLM refuses it)."""
@@ -227,6 +260,8 @@ class Engine:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
         sampling = self._sampling_params(params)
+        if extra_args:
+            sampling.extra_args = extra_args
         lora_request = await self._acquire_lora(lora) if lora is not None else None
         try:
             stream = self._llm.generate(
@@ -245,6 +280,70 @@ class Engine:
         finally:
             if lora_request is not None:
                 await self._release_lora(lora_request.lora_int_id)
+
+    async def generate_fused(
+        self,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        request_id: str,
+        fusion: FusionTarget,
+        retries: int = 1,
+    ) -> AsyncGenerator[list[OutputDelta], None]:
+        """Like `generate`, for a fusion group: the base and each adapter decode the prompt
+        as member requests whose logits the engine fuses at every step (routing/fusion).
+        Yields the group's deltas once every member has produced the same tokens. A group
+        that lost lockstep before yielding anything is rerun (`retries` times; the same
+        seed, so the same text); after that, or once text has gone out, FusionError."""
+        from routing.fusion.group import FusionLockstepError, lockstep
+        from routing.fusion.spec import FusionSpec
+
+        if not self.config.fusion_on:
+            raise FusionError("logit fusion is not enabled on this engine")
+        if params.n != 1:
+            raise FusionError("fusion generates one choice per request (n = 1)")
+        if params.seed is None and params.temperature > 0:
+            # Every member draws its token with its own generator: one seed for the group
+            # makes them draw the same one (and a rerun give the same text).
+            params = dataclasses.replace(params, seed=secrets.randbits(31))
+        members: list[LoraTarget | None] = [None, *fusion.adapters]
+        for attempt in range(retries + 1):
+            group = f"{request_id}~{attempt}"
+            streams = [
+                self.generate(
+                    prompt_token_ids,
+                    params,
+                    f"{group}~m{i}",
+                    lora=lora,
+                    extra_args=FusionSpec(
+                        group=group,
+                        member=i,
+                        size=len(members),
+                        alphas=None if fusion.alphas is None else tuple(fusion.alphas),
+                        prior=tuple(fusion.prior),
+                    ).to_extra_args(),
+                )
+                for i, lora in enumerate(members)
+            ]
+            # Load every adapter first: a member that fails to start after others were
+            # sent would leave them held back in the scheduler until aborted.
+            for lora in fusion.adapters:
+                await self._ensure_lora(lora)
+            yielded = False
+            merged = lockstep(streams)
+            try:
+                async for delta in merged:
+                    yielded = True
+                    yield [delta]
+                return
+            except FusionLockstepError as exc:
+                if yielded or attempt == retries:
+                    raise FusionError(
+                        f"the fusion group lost lockstep inside the engine ({exc}); "
+                        "retrying the request may succeed"
+                    ) from exc
+                log.warning("fusion group %s lost lockstep (%s); rerunning it", group, exc)
+            finally:
+                await merged.aclose()
 
     # -- LoRA ---------------------------------------------------------------------------
 
@@ -426,6 +525,16 @@ def _worker_error(exc: BaseException) -> str:
     text = str(exc)
     match = re.search(r"Worker failed with error '(.*)', please check", text, re.DOTALL)
     return match.group(1) if match else text
+
+
+def _fusion_args(config: EngineConfig) -> dict[str, Any]:
+    """The fusion logits processor and scheduler (routing/fusion), when fusion is on."""
+    if not config.fusion_on:
+        return {}
+    from routing.fusion.processor import processor_args
+    from routing.fusion.scheduler import scheduler_args
+
+    return {**processor_args(), **scheduler_args()}
 
 
 def _lora_args(config: EngineConfig) -> dict[str, Any]:

@@ -87,7 +87,7 @@ class Metrics:
         )
         self.routing_requests = Counter(
             "crosstask_routing_requests",
-            "Generation requests by the routing mode served (off, adapter, merge).",
+            "Generation requests by the routing mode served (off, adapter, merge, fuse).",
             ["mode"],
             registry=r,
         )
@@ -107,6 +107,16 @@ class Metrics:
             "crosstask_merge_build_seconds",
             "Building one merged adapter (load, merge, write).",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.fused_requests = Counter(
+            "crosstask_fused_requests",
+            "Requests served by logit fusion (routing.mode fuse).",
+            registry=r,
+        )
+        self.fused_steps = Counter(
+            "crosstask_fused_steps",
+            "Decoding steps of fusion groups (one fused token each).",
             registry=r,
         )
         self.adapters_loaded = Gauge(

@@ -28,6 +28,8 @@ from routing.service import RoutingError, RoutingRequest, RoutingService
 from serve.engine import (
     Engine,
     EngineDeadError,
+    FusionError,
+    FusionTarget,
     GenerationParams,
     InvalidParamsError,
     LoraLoadError,
@@ -63,6 +65,7 @@ class CrosstaskOptions:
     adapters: list[str] | None = None
     weights: list[float] | None = None
     top_k: int | None = None
+    alpha: str | None = None
     exclude_tasks: list[str] = field(default_factory=list)
 
 
@@ -106,6 +109,7 @@ class PreparedRequest:
     annotation: Annotation
     received_at: float
     lora: LoraTarget | None = None
+    fusion: FusionTarget | None = None
 
 
 @dataclass
@@ -162,9 +166,11 @@ class Pipeline:
         demos: list[Hit] = []
         if k > 0 and vector is not None:
             demos = await self._search(request, vector, k)
-        decision, lora = await self._route(routing_request, vector)
-        prompt_ids, demos = self._assemble(request, demos)
+        decision, lora, fusion = await self._route(routing_request, vector)
+        prompt_ids, demos = self._assemble(request, demos, fusion)
         params = self._fit_to_context(request, prompt_ids)
+        if fusion is not None:
+            self._check_fusion(request, params, fusion, len(prompt_ids))
         if demos:
             self.metrics.demonstrations.observe(len(demos))
         return PreparedRequest(
@@ -176,6 +182,7 @@ class Pipeline:
             ),
             received_at=received_at,
             lora=lora,
+            fusion=fusion,
         )
 
     def _routing_request(self, request: GenerationRequest) -> RoutingRequest | None:
@@ -189,13 +196,14 @@ class Pipeline:
             weights=options.weights,
             top_k=options.top_k,
             exclude_tasks=options.exclude_tasks,
+            alpha=options.alpha,
         )
 
     async def _route(
         self, routing_request: RoutingRequest | None, vector: np.ndarray | None
-    ) -> tuple[RoutingDecision, LoraTarget | None]:
+    ) -> tuple[RoutingDecision, LoraTarget | None, FusionTarget | None]:
         if self.routing is None or routing_request is None:
-            return RoutingDecision("off"), None
+            return RoutingDecision("off"), None, None
         if self.routing.needs_query(routing_request) and self.retriever is None:
             raise bad_request(
                 "Routing with `auto` compares the request's embedding with the adapters'; "
@@ -218,7 +226,57 @@ class Pipeline:
                 self.metrics.merge_cache_misses.inc()
                 self.metrics.merge_build_seconds.observe(plan.merge_seconds)
         lora = LoraTarget(plan.lora[0], plan.lora[1]) if plan.lora is not None else None
-        return RoutingDecision(plan.mode, plan.adapters, plan.scores, plan.reason), lora
+        fusion = (
+            FusionTarget([LoraTarget(n, p) for n, p in plan.fusion], plan.alphas, plan.prior)
+            if plan.mode == "fuse"
+            else None
+        )
+        if fusion is not None:
+            self.metrics.fused_requests.inc()
+        decision = RoutingDecision(plan.mode, plan.adapters, plan.scores, plan.reason)
+        return decision, lora, fusion
+
+    def _check_fusion(
+        self,
+        request: GenerationRequest,
+        params: GenerationParams,
+        fusion: FusionTarget,
+        prompt_tokens: int,
+    ) -> None:
+        """Refuse what a fusion group cannot do, before any member is sent."""
+        param = "crosstask.routing.mode"
+        if not self.engine.config.fusion_on:
+            raise bad_request(
+                "routing.mode 'fuse' is switched off on this server (CROSSTASK_FUSION_ENABLED"
+                "=false or adapters disabled).",
+                param=param,
+                code="unsupported_value",
+            )
+        if params.n != 1:
+            raise bad_request("routing.mode 'fuse' generates one choice (n = 1).", param="n")
+        if params.logprobs is not None:
+            raise bad_request(
+                "logprobs are not available with routing.mode 'fuse' (each member has its "
+                "own; the fused distribution is not returned).",
+                param="logprobs",
+            )
+        if len(fusion.adapters) > self.engine.config.max_loras:
+            raise bad_request(
+                f"routing.mode 'fuse' with {len(fusion.adapters)} adapters needs as many LoRA "
+                f"slots; this server has {self.engine.config.max_loras} (CROSSTASK_MAX_LORAS).",
+                param="crosstask.routing.adapters",
+                code="unsupported_value",
+            )
+        limit = self.engine.fusion_prompt_limit(len(fusion.adapters) + 1)
+        if prompt_tokens > limit:
+            raise bad_request(
+                f"A fusion group of {len(fusion.adapters) + 1} members prefills its prompt "
+                f"once per member in one engine step, so the prompt may have at most {limit} "
+                f"tokens here; it has {prompt_tokens}. Use fewer adapters or "
+                "demonstrations, or raise --max-num-batched-tokens.",
+                param="messages" if request.messages is not None else "prompt",
+                code="context_length_exceeded",
+            )
 
     def _check_model(self, model: str) -> None:
         if model in (self.model_name, AUTO_MODEL):
@@ -318,9 +376,12 @@ class Pipeline:
         self.metrics.retrieval_latency.observe(time.monotonic() - started)
         return hits
 
-    def _assemble(self, request: GenerationRequest, hits: list[Hit]) -> tuple[list[int], list[Hit]]:
+    def _assemble(
+        self, request: GenerationRequest, hits: list[Hit], fusion: FusionTarget | None = None
+    ) -> tuple[list[int], list[Hit]]:
         """Token ids of the prompt, and the demonstrations that fit in it (dropped
-        farthest first until prompt plus max_tokens fit the context)."""
+        farthest first until prompt plus max_tokens fit the context and, for a fusion
+        group, the prompt fits the group's one-step prefill)."""
         if request.prompt is not None and not isinstance(request.prompt, str):
             vocab = len(self.engine.tokenizer)
             if any(t < 0 or t >= vocab for t in request.prompt):
@@ -337,6 +398,8 @@ class Pipeline:
             return render([]), []
         demos = [Demonstration(h.task, h.definition, h.input, h.output) for h in hits]
         budget = self.engine.max_model_len - (request.max_tokens or 1)
+        if fusion is not None:
+            budget = min(budget, self.engine.fusion_prompt_limit(len(fusion.adapters) + 1))
         cache: dict[int, list[int]] = {}
 
         def size(kept: Sequence[Demonstration]) -> int:
@@ -410,10 +473,17 @@ class Pipeline:
         first = True
         generated = 0
         finished = False
-        try:
-            async for deltas in self.engine.generate(
+        stream = (
+            self.engine.generate_fused(
+                prepared.prompt_token_ids, prepared.params, request_id, prepared.fusion
+            )
+            if prepared.fusion is not None
+            else self.engine.generate(
                 prepared.prompt_token_ids, prepared.params, request_id, lora=prepared.lora
-            ):
+            )
+        )
+        try:
+            async for deltas in stream:
                 if first and any(d.token_ids for d in deltas):
                     self.metrics.ttft.observe(time.monotonic() - prepared.received_at)
                     first = False
@@ -426,6 +496,8 @@ class Pipeline:
                 param="crosstask.routing.adapters",
                 code="invalid_adapter",
             ) from exc
+        except FusionError as exc:
+            raise unavailable(str(exc), code="fusion_lockstep_lost") from exc
         except EngineDeadError as exc:
             raise APIError(
                 f"The engine failed while generating: {exc}",
@@ -434,6 +506,9 @@ class Pipeline:
                 code="engine_dead",
             ) from exc
         finally:
+            await stream.aclose()
+            if prepared.fusion is not None:
+                self.metrics.fused_steps.inc(generated)
             self.metrics.completion_tokens.inc(generated)
             if finished:
                 self.metrics.prompt_tokens.inc(len(prepared.prompt_token_ids))

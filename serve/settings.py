@@ -55,6 +55,11 @@ class Settings(BaseSettings):
         description="False serves the base model alone: LoRA off in the engine, no "
         "adapters, every routing mode but `off` refused.",
     )
+    fusion_enabled: bool = Field(
+        default=True,
+        description="Install the logit-fusion logits processor and group scheduler in the "
+        "engine (routing.mode `fuse`); false runs vLLM's own, and `fuse` is refused.",
+    )
     embedder: Path | None = Field(
         default=None,
         description="A sentence-transformers folder; None is the embedded all-MiniLM-L6-v2.",
@@ -116,6 +121,10 @@ class Settings(BaseSettings):
     router_top_k: int = Field(default=2, ge=1, le=8)
     router_temperature: float = Field(default=0.05, gt=0, le=10, allow_inf_nan=False)
     router_fallback: Literal["generalist", "off"] = "generalist"
+    # How `auto` combines several close specialists: one merged LoRA, or logit fusion (each
+    # specialist and the base decode in lockstep). Only reached when merge_min lets `auto`
+    # combine at all; README ("Fusion") gives the dev-task figures behind the default.
+    router_combine: Literal["merge", "fuse"] = "merge"
     merge_cache_size: int = Field(default=16, ge=1, description="Merged adapters kept on disk.")
 
     # Access.

@@ -67,6 +67,7 @@ class CrosstaskExtension(OpenAIBaseModel):
             adapters=routing.adapters,
             weights=routing.weights,
             top_k=routing.top_k,
+            alpha=routing.alpha,
             exclude_tasks=list(self.exclude_tasks or []),
         )
 

@@ -117,7 +117,8 @@ def test_routing_refusals_are_4xx(server: Server) -> None:
         ({"routing": {"mode": "merge", "adapters": ["alpha", "beta"], "weights": [1, -1]}}, 400),
         ({"routing": {"mode": "merge", "adapters": ["alpha", "alpha"]}}, 400),
         ({"routing": {"mode": "merge", "adapters": ["alpha", "beta"], "weights": [1]}}, 400),
-        ({"routing": {"mode": "fuse", "adapters": ["alpha"]}}, 400),
+        ({"routing": {"mode": "fuse", "adapters": ["alpha"], "weights": [5]}}, 400),
+        ({"routing": {"mode": "adapter", "adapters": ["alpha"], "alpha": "dynamic"}}, 400),
         ({"routing": {"mode": "off", "adapters": ["alpha"]}}, 400),
     ]
     for extension, status in cases:

@@ -54,6 +54,15 @@ def test_two_close_specialists_are_merged_with_softmax_weights() -> None:
     assert sum(weights) == pytest.approx(1.0) and all(w > 0 for w in weights)
 
 
+def test_close_specialists_are_fused_when_configured() -> None:
+    import dataclasses
+
+    fusing = dataclasses.replace(CONFIG, combine="fuse")
+    decision = route(unit(1, 0.2, 0), [A, B, C, G], config=fusing)
+    assert decision.mode == "fuse"
+    assert sorted(n for n, _ in decision.adapters) == ["a", "c"]
+
+
 def test_nothing_close_falls_back_to_the_generalist_or_off() -> None:
     far = unit(0, 0, 0, 0, 1)
     assert route(far, [A, B, G], config=CONFIG).adapters == [("general", 1.0)]
@@ -90,3 +99,5 @@ def test_bad_router_settings() -> None:
         RouterConfig(fallback="random")
     with pytest.raises(ValueError):
         RouterConfig(temperature=0)
+    with pytest.raises(ValueError):
+        RouterConfig(combine="average")
