@@ -70,6 +70,13 @@ class FusionTarget:
     prior: list[float]
 
 
+def fusion_members(fusion: FusionTarget) -> int:
+    """How many sequences the group decodes: its adapters, and the base when needed."""
+    from routing.fusion.spec import needs_base
+
+    return len(fusion.adapters) + int(needs_base(fusion.alphas))
+
+
 @dataclass
 class GenerationParams:
     max_tokens: int
@@ -290,12 +297,13 @@ class Engine:
         retries: int = 1,
     ) -> AsyncGenerator[list[OutputDelta], None]:
         """Like `generate`, for a fusion group: the base and each adapter decode the prompt
-        as member requests whose logits the engine fuses at every step (routing/fusion).
+        as member requests whose logits the engine fuses at every step (routing/fusion);
+        the base only when its coefficient is not 0 (spec.needs_base).
         Yields the group's deltas once every member has produced the same tokens. A group
         that lost lockstep before yielding anything is rerun (`retries` times; the same
         seed, so the same text); after that, or once text has gone out, FusionError."""
         from routing.fusion.group import FusionLockstepError, lockstep
-        from routing.fusion.spec import FusionSpec
+        from routing.fusion.spec import FusionSpec, needs_base
 
         if not self.config.fusion_on:
             raise FusionError("logit fusion is not enabled on this engine")
@@ -305,7 +313,10 @@ class Engine:
             # Every member draws its token with its own generator: one seed for the group
             # makes them draw the same one (and a rerun give the same text).
             params = dataclasses.replace(params, seed=secrets.randbits(31))
-        members: list[LoraTarget | None] = [None, *fusion.adapters]
+        with_base = needs_base(fusion.alphas)
+        members: list[LoraTarget | None] = (
+            [None, *fusion.adapters] if with_base else list(fusion.adapters)
+        )
         for attempt in range(retries + 1):
             group = f"{request_id}~{attempt}"
             streams = [
@@ -320,6 +331,7 @@ class Engine:
                         size=len(members),
                         alphas=None if fusion.alphas is None else tuple(fusion.alphas),
                         prior=tuple(fusion.prior),
+                        base=with_base,
                     ).to_extra_args(),
                 )
                 for i, lora in enumerate(members)

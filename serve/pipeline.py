@@ -36,6 +36,7 @@ from serve.engine import (
     LoraTarget,
     OutputDelta,
     TokenLogprob,
+    fusion_members,
 )
 from serve.errors import APIError, bad_request, not_found, unavailable
 from serve.metrics import Metrics
@@ -267,10 +268,11 @@ class Pipeline:
                 param="crosstask.routing.adapters",
                 code="unsupported_value",
             )
-        limit = self.engine.fusion_prompt_limit(len(fusion.adapters) + 1)
+        members = fusion_members(fusion)
+        limit = self.engine.fusion_prompt_limit(members)
         if prompt_tokens > limit:
             raise bad_request(
-                f"A fusion group of {len(fusion.adapters) + 1} members prefills its prompt "
+                f"A fusion group of {members} members prefills its prompt "
                 f"once per member in one engine step, so the prompt may have at most {limit} "
                 f"tokens here; it has {prompt_tokens}. Use fewer adapters or "
                 "demonstrations, or raise --max-num-batched-tokens.",
@@ -399,7 +401,7 @@ class Pipeline:
         demos = [Demonstration(h.task, h.definition, h.input, h.output) for h in hits]
         budget = self.engine.max_model_len - (request.max_tokens or 1)
         if fusion is not None:
-            budget = min(budget, self.engine.fusion_prompt_limit(len(fusion.adapters) + 1))
+            budget = min(budget, self.engine.fusion_prompt_limit(fusion_members(fusion)))
         cache: dict[int, list[int]] = {}
 
         def size(kept: Sequence[Demonstration]) -> int:

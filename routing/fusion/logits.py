@@ -41,11 +41,14 @@ S_STEP = 0.01
 BISECTION_STEPS = 16
 
 
-def fuse(base: torch.Tensor, experts: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """Fused logits of shape (V,) from base (V,), experts (n, V) and alphas (n,)."""
-    total = alphas.sum()
+def fuse(base: torch.Tensor | None, experts: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Fused logits of shape (V,) from base (V,), experts (n, V) and alphas (n,). Without
+    the base (None: weights summing to 1, see spec.needs_base) the base term is dropped;
+    it is then 0 times z_b, so the result is the same bit for bit."""
     mixed = (alphas.unsqueeze(1) * experts).sum(dim=0)
-    return base * (1.0 - total) + mixed
+    if base is None:
+        return mixed
+    return base * (1.0 - alphas.sum()) + mixed
 
 
 def _kl_from_base(logp: torch.Tensor, logp_base: torch.Tensor) -> torch.Tensor:

@@ -107,9 +107,14 @@ class FusionLogitsProcessor(LogitsProcessor):
             spec = rows[0][1].spec
             index = torch.tensor([row for row, _ in rows], dtype=torch.long, device=logits.device)
             members = logits.index_select(0, index).float()
-            base, experts = members[0], members[1:]
-            alphas = alphas_for(base, experts, spec.alphas, spec.prior)
-            fused = fuse(base, experts, alphas).to(logits.dtype)
+            if spec.base:
+                base, experts = members[0], members[1:]
+                alphas = alphas_for(base, experts, spec.alphas, spec.prior)
+                fused = fuse(base, experts, alphas)
+            else:  # fixed weights summing to 1: the base's coefficient is 0
+                assert spec.alphas is not None
+                fused = fuse(None, members, torch.tensor(spec.alphas, dtype=members.dtype))
+            fused = fused.to(logits.dtype)
             logits[index] = fused.unsqueeze(0).expand(len(rows), -1)
         return logits
 

@@ -21,17 +21,31 @@ class FusionSpecError(ValueError):
     """A malformed fusion spec (only a client bypassing crosstask's API could send one)."""
 
 
+def needs_base(alphas: Sequence[float] | None) -> bool:
+    """Whether the base model must decode as a member. The fused logits are
+    (1 - sum alpha) z_b + sum alpha_i z_i, so when fixed weights sum to 1 (equal weights
+    and the router's softmax weights do) the base's coefficient is 0 and a whole sequence
+    of work is saved. Dynamic weights always compare with the base."""
+    return alphas is None or abs(math.fsum(alphas) - 1.0) > 1e-6
+
+
 @dataclass(frozen=True)
 class FusionSpec:
-    """Member `member` (0 = the base model, i >= 1 = adapter i) of group `group`, which has
-    `size` members. `alphas` are the adapters' fixed weights; None means dynamic, with
-    `prior` weighting the adapters."""
+    """Member `member` of group `group`, which has `size` members: with `base`, member 0 is
+    the base model and member i >= 1 adapter i; without, member i is adapter i + 1.
+    `alphas` are the adapters' fixed weights; None means dynamic, with `prior` weighting
+    the adapters."""
 
     group: str
     member: int
     size: int
     alphas: tuple[float, ...] | None
     prior: tuple[float, ...]
+    base: bool = True
+
+    @property
+    def adapters(self) -> int:
+        return self.size - 1 if self.base else self.size
 
     def to_extra_args(self) -> dict[str, Any]:
         return {
@@ -41,6 +55,7 @@ class FusionSpec:
                 "size": self.size,
                 "alphas": list(self.alphas) if self.alphas is not None else None,
                 "prior": list(self.prior),
+                "base": self.base,
             }
         }
 
@@ -62,23 +77,25 @@ def parse(extra_args: Mapping[str, Any] | None) -> FusionSpec | None:
     if not isinstance(raw, Mapping):
         raise FusionSpecError("fusion spec must be an object")
     group, member, size = raw.get("group"), raw.get("member"), raw.get("size")
+    base = raw.get("base", True)
     if not isinstance(group, str) or not group:
         raise FusionSpecError("fusion group must be a non-empty string")
-    if not isinstance(size, int) or not 2 <= size <= MAX_ADAPTERS + 1:
-        raise FusionSpecError(f"fusion size must be 2..{MAX_ADAPTERS + 1}")
+    if not isinstance(base, bool):
+        raise FusionSpecError("fusion base must be true or false")
+    smallest = 2 if base else 1
+    if not isinstance(size, int) or not smallest <= size <= MAX_ADAPTERS + int(base):
+        raise FusionSpecError(f"fusion size must be {smallest}..{MAX_ADAPTERS + int(base)}")
     if not isinstance(member, int) or not 0 <= member < size:
         raise FusionSpecError("fusion member must be in [0, size)")
+    n = size - 1 if base else size
     alphas = raw.get("alphas")
-    prior = _floats(raw.get("prior"), size - 1, "prior")
+    prior = _floats(raw.get("prior"), n, "prior")
     if alphas is None and (min(prior) < 0 or sum(prior) <= 0):
         raise FusionSpecError("dynamic fusion needs non-negative prior weights with a positive sum")
-    return FusionSpec(
-        group=group,
-        member=member,
-        size=size,
-        alphas=None if alphas is None else _floats(alphas, size - 1, "alphas"),
-        prior=prior,
-    )
+    fixed = None if alphas is None else _floats(alphas, n, "alphas")
+    if not base and needs_base(fixed):
+        raise FusionSpecError("a group without the base needs fixed weights summing to 1")
+    return FusionSpec(group=group, member=member, size=size, alphas=fixed, prior=prior, base=base)
 
 
 def parse_params(sampling_params: Any) -> FusionSpec | None:

@@ -1,6 +1,12 @@
 """Logit fusion inside vLLM (routing/fusion, serve.engine.Engine.generate_fused), greedy:
 the invariants of the issue, the engine against the transformers + PEFT reference token for
-token, and fused and unfused requests in one batch each giving what they give alone."""
+token, fused and unfused requests in one batch each giving what they give alone (with a
+small token budget, so that long unfused prompts are chunked around the groups), and a
+group that falls out of lockstep failing with an error rather than returning text.
+
+The engine runs with a 256-token step budget and 16 sequences: a group of three members
+with ~35-token prompts must then be admitted beside 200-token prefills that the scheduler
+chunks, which is where vLLM's own scheduler would split a group across steps."""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from routing.fusion.group import FusionLockstepError, lockstep
+from routing.fusion.spec import FusionSpec
 from serve.engine import Engine, EngineConfig, FusionTarget, GenerationParams, LoraTarget
 from tests.integration.fusion_reference import FusionReference
 from tests.integration.lora_fixtures import make_random_lora
@@ -66,6 +74,8 @@ def engine(model_dir: Path) -> Iterator[Engine]:
             max_loras=2,
             max_cpu_loras=4,
             max_lora_rank=8,
+            max_num_batched_tokens=256,
+            max_num_seqs=16,
         )
     )
     try:
@@ -160,8 +170,39 @@ async def test_fused_and_unfused_together_equal_alone(
             return await _fused(engine, ids, kind, rid)
         return await _plain(engine, ids, kind, rid)
 
+    # Long unfused prompts (about 200 tokens) that the 256-token budget must chunk.
+    long_prompts = [f"Repeat after me: {'sea wave ' * 90}" for _ in range(6)]
+    fillers = [(p, None) for p in long_prompts]
     alone = [await run(p, k, f"alone-{i}") for i, (p, k) in enumerate(jobs)]
-    together = await asyncio.gather(*(run(p, k, f"together-{i}") for i, (p, k) in enumerate(jobs)))
-    assert list(together) == alone
+    together = await asyncio.gather(
+        *(run(p, k, f"together-{i}") for i, (p, k) in enumerate(jobs + fillers))
+    )
+    assert list(together)[: len(jobs)] == alone
     # Fusion does something: the fused texts are neither the base's nor alpha's.
     assert alone[2] not in (alone[0], alone[1]) or alone[6] not in (alone[4], alone[5])
+
+
+async def test_member_finishing_early_fails_instead_of_returning_text(
+    engine: Engine, adapters: dict[str, LoraTarget], base_model: Any
+) -> None:
+    """Members sent by hand with different max_tokens: the adapter member stops after 3
+    tokens, the base member goes on alone, so the processor breaks the group and the
+    lockstep check fails the request. What it released before is the fused text's start."""
+    tokenizer, _ = base_model
+    a = adapters["alpha"]
+    ids = _prompt_ids(tokenizer, PROMPTS[0])
+    fused = await _fused(engine, ids, _fixed([a, a], [0.5, 0.5]), "early-reference")
+    members = []
+    for i, (lora, max_tokens) in enumerate(((None, MAX_TOKENS), (a, 3), (a, MAX_TOKENS))):
+        spec = FusionSpec("early", i, 3, (0.5, 0.5), (1.0, 1.0))
+        params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
+        members.append(
+            engine.generate(ids, params, f"early-m{i}", lora=lora, extra_args=spec.to_extra_args())
+        )
+    released: list[int] = []
+    with pytest.raises(FusionLockstepError):
+        async for delta in lockstep(members):
+            released.extend(delta.token_ids)
+    assert released == fused[: len(released)] and len(released) <= 3
+    # The engine still serves, fused and plain.
+    assert await _fused(engine, ids, _fixed([a, a], [0.5, 0.5]), "early-after") == fused

@@ -19,6 +19,9 @@ def test_fixed_weights_are_exact_at_the_invariants() -> None:
     assert torch.equal(fuse(base, a.unsqueeze(0), torch.tensor([1.0])), a)
     assert torch.equal(fuse(base, a.unsqueeze(0), torch.tensor([0.0])), base)
     assert torch.equal(fuse(base, torch.stack([a, a]), torch.tensor([0.5, 0.5])), a)
+    # Weights summing to 1: the base term is 0, so leaving the base out changes nothing.
+    pair, split = torch.stack([a, b]), torch.tensor([0.6, 0.4])
+    assert torch.equal(fuse(None, pair, split), fuse(base, pair, split))
     # And in general the proxy-tuning form z_b + sum alpha_i (z_i - z_b).
     alphas = torch.tensor([0.7, -0.3])
     expected = base + 0.7 * (a - base) - 0.3 * (b - base)

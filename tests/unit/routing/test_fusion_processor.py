@@ -143,3 +143,13 @@ def test_dynamic_group_with_one_adapter_is_that_adapter() -> None:
     adapter = logits[1].clone()
     proc.apply(logits)
     assert torch.equal(logits[0], adapter) and torch.equal(logits[1], adapter)
+
+
+def test_group_without_the_base_mixes_the_adapters() -> None:
+    proc = processor()
+    specs = [FusionSpec("w", i, 2, (0.25, 0.75), (1.0, 1.0), base=False) for i in range(2)]
+    proc.update_state(update([(0, params(specs[0]), []), (1, params(specs[1]), [])], size=2))
+    logits = torch.randn(2, V)
+    expected = 0.25 * logits[0] + 0.75 * logits[1]
+    proc.apply(logits)
+    assert torch.allclose(logits[0], expected) and torch.equal(logits[0], logits[1])

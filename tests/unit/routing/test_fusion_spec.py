@@ -12,6 +12,19 @@ def test_round_trip() -> None:
     assert parse(spec.to_extra_args()) == spec
     dynamic = FusionSpec("g", 0, 2, None, (1.0,))
     assert parse(dynamic.to_extra_args()) == dynamic
+    alone = FusionSpec("g", 0, 1, (1.0,), (1.0,), base=False)
+    assert parse(alone.to_extra_args()) == alone and alone.adapters == 1
+
+
+def test_the_base_is_needed_unless_fixed_weights_sum_to_one() -> None:
+    from routing.fusion.spec import needs_base
+
+    assert needs_base(None)
+    assert needs_base([0.5])
+    assert needs_base([0.7, 0.5])
+    assert not needs_base([1.0])
+    assert not needs_base([0.7, 0.3])
+    assert not needs_base([0.1] * 10)
 
 
 def test_not_a_member() -> None:
@@ -33,6 +46,9 @@ def test_not_a_member() -> None:
         {"group": "g", "member": 0, "size": 2, "alphas": [5.0], "prior": [1.0]},
         {"group": "g", "member": 0, "size": 2, "alphas": None, "prior": [0.0]},
         {"group": "g", "member": 0, "size": 2, "alphas": None, "prior": [-1.0]},
+        {"group": "g", "member": 0, "size": 1, "alphas": [0.5], "prior": [1.0], "base": False},
+        {"group": "g", "member": 0, "size": 1, "alphas": None, "prior": [1.0], "base": False},
+        {"group": "g", "member": 0, "size": 2, "alphas": [1.0], "prior": [1.0], "base": "no"},
     ],
 )
 def test_malformed_specs_are_refused(raw: object) -> None:
