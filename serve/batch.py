@@ -336,8 +336,21 @@ class BatchSummary:
         }
 
 
+def count_lines(path: Path, chunk: int = 1 << 20) -> int:
+    """Newlines in `path` (plus a last line without one), read in chunks: the total the
+    progress bar's ETA needs, without holding the file in memory."""
+    count, last = 0, b"\n"
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
+
+
 class Progress:
-    """A tqdm bar on a terminal; a log line every `period` seconds otherwise."""
+    """A tqdm bar on a terminal (lines, tok/s, ETA); a log line every `period` seconds
+    otherwise. The total arrives later (`set_total`, from a thread counting the input's
+    lines while the job runs): until then there is no ETA."""
 
     def __init__(self, total: int | None, enabled: bool, period: float = 30.0) -> None:
         self.period = period
@@ -352,6 +365,18 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="line", dynamic_ncols=True)
 
+    def set_total(self, total: int) -> None:
+        self.total = max(total, self.done)
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
+    def eta_seconds(self) -> float | None:
+        elapsed = time.monotonic() - self.started
+        if self.total is None or self.done == 0 or elapsed <= 0:
+            return None
+        return max(self.total - self.done, 0) / (self.done / elapsed)
+
     def update(self, tokens: int) -> None:
         self.done += 1
         self.tokens += tokens
@@ -361,11 +386,14 @@ class Progress:
             self.bar.set_postfix_str(f"{self.tokens / elapsed:.1f} tok/s", refresh=False)
         elif time.monotonic() - self.last_log >= self.period:
             self.last_log = time.monotonic()
+            eta = self.eta_seconds()
             log.info(
-                "batch: %d lines done, %.1f output tok/s, %.0f s elapsed",
+                "batch: %d%s lines done, %.1f output tok/s, %.0f s elapsed%s",
                 self.done,
+                f" of ~{self.total}" if self.total is not None else "",
                 self.tokens / elapsed,
                 elapsed,
+                f", ETA {eta:.0f} s" if eta is not None else "",
             )
 
     def close(self) -> None:
@@ -432,6 +460,17 @@ class BatchRunner:
         if out.done_lines:
             log.info("Resuming: %d lines of %s were already done", len(out.done_lines), output_path)
         bar = Progress(None, progress)
+        # Counted beside the job (a 10 GB input takes seconds); a shard owns about 1/N of
+        # the lines (custom_ids hash uniformly), less those a previous run finished.
+        done_before = len(out.done_lines)
+        counting = asyncio.get_running_loop().run_in_executor(None, count_lines, input_path)
+        counting.add_done_callback(
+            lambda f: (
+                None
+                if f.cancelled() or f.exception() is not None
+                else bar.set_total(max(f.result() // shard.count - done_before, 0))
+            )
+        )
         seen: set[int] = set()
         slots = asyncio.Semaphore(self.max_in_flight)
         tasks: set[asyncio.Task[None]] = set()

@@ -168,6 +168,7 @@ class Pipeline:
         if k > 0 and vector is not None:
             demos = await self._search(request, vector, k)
         decision, lora, fusion = await self._route(routing_request, vector)
+        demos = self._auto_demonstrations(routing_request, decision, demos)
         prompt_ids, demos = self._assemble(request, demos, fusion)
         params = self._fit_to_context(request, prompt_ids)
         if fusion is not None:
@@ -236,6 +237,29 @@ class Pipeline:
             self.metrics.fused_requests.inc()
         decision = RoutingDecision(plan.mode, plan.adapters, plan.scores, plan.reason)
         return decision, lora, fusion
+
+    def _auto_demonstrations(
+        self, routing_request: RoutingRequest | None, decision: RoutingDecision, hits: list[Hit]
+    ) -> list[Hit]:
+        """Under `auto` the router also decides whether the demonstrations go in: none when
+        even the nearest is below `router_demo_min_score`. On the dev tasks, far
+        demonstrations hurt an adapter's answers (README, "Adapters and routing")."""
+        if (
+            not hits
+            or self.routing is None
+            or routing_request is None
+            or self.routing.resolve_mode(routing_request) != "auto"
+        ):
+            return hits
+        nearest = max(h.score for h in hits)
+        if nearest >= self.settings.router_demo_min_score:
+            return hits
+        note = (
+            f"demonstrations dropped (nearest {nearest:.2f} < "
+            f"{self.settings.router_demo_min_score:.2f})"
+        )
+        decision.reason = f"{decision.reason}; {note}" if decision.reason else note
+        return []
 
     def _check_fusion(
         self,

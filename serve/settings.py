@@ -125,6 +125,12 @@ class Settings(BaseSettings):
     # specialist and the base decode in lockstep). Only reached when merge_min lets `auto`
     # combine at all; README ("Fusion") gives the dev-task figures behind the default.
     router_combine: Literal["merge", "fuse"] = "merge"
+    # Under `auto`, demonstrations go in only when the nearest one scores at least this
+    # (cosine). Calibrated on the dev tasks by replaying recorded answers with and without
+    # demonstrations (bench/calibration/demo_gate_dev_tasks.json): macro ROUGE-L 32.3 with
+    # demonstrations always, 31.2 never, 33.9 at 0.5 (flat from 0.45 to 0.6). -1 keeps
+    # them always.
+    router_demo_min_score: float = Field(default=0.5, ge=-1, le=1, allow_inf_nan=False)
     merge_cache_size: int = Field(default=16, ge=1, description="Merged adapters kept on disk.")
 
     # Access.
