@@ -47,6 +47,8 @@ QUALNAME = f"{__name__}:FusionLogitsProcessor"
 # Broken groups remembered (their members may come back to the batch later, say after a
 # preemption); old entries are long finished.
 _BROKEN_KEPT = 4096
+# Stands in for -inf inside the fusion arithmetic (float32 holds 4 x this).
+_BANNED = -1e30
 
 
 @dataclass
@@ -107,6 +109,12 @@ class FusionLogitsProcessor(LogitsProcessor):
             spec = rows[0][1].spec
             index = torch.tensor([row for row, _ in rows], dtype=torch.long, device=logits.device)
             members = logits.index_select(0, index).float()
+            # Tokens a processor before this one banned (-inf: min_tokens, logit bias, bad
+            # words, allowed ids) stay banned for the group; inside the arithmetic they are
+            # a large finite number, since 0 * -inf (a weight of 0) would be NaN.
+            banned = torch.isinf(members).any(dim=0) if not torch.isfinite(members).all() else None
+            if banned is not None:
+                members = members.masked_fill(banned, _BANNED)
             if spec.base:
                 base, experts = members[0], members[1:]
                 alphas = alphas_for(base, experts, spec.alphas, spec.prior)
@@ -114,6 +122,8 @@ class FusionLogitsProcessor(LogitsProcessor):
             else:  # fixed weights summing to 1: the base's coefficient is 0
                 assert spec.alphas is not None
                 fused = fuse(None, members, torch.tensor(spec.alphas, dtype=members.dtype))
+            if banned is not None:
+                fused = fused.masked_fill(banned, float("-inf"))
             fused = fused.to(logits.dtype)
             logits[index] = fused.unsqueeze(0).expand(len(rows), -1)
         return logits

@@ -6,7 +6,9 @@ from any other seed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from serve.engine import LoraTarget
 
 if TYPE_CHECKING:
     import torch
@@ -57,3 +59,35 @@ def make_random_lora(
     peft_model.save_pretrained(str(out_dir))
     peft_model.unload()  # strip the LoRA layers so a shared base_model stays clean
     return out_dir
+
+
+def load_reference_model(model_dir: Path) -> tuple[Any, Any]:
+    """(tokenizer, model): the base model in transformers, float32, in eval mode; what the
+    engine tests check vLLM against, and the base their random adapters are built on."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    return tokenizer, model
+
+
+def random_lora_targets(
+    model_dir: Path, base_model: Any, root: Path, seeds: dict[str, int]
+) -> dict[str, LoraTarget]:
+    """One random adapter per name (its seed given), under `root`, as engine targets."""
+    return {
+        name: LoraTarget(
+            name, make_random_lora(model_dir, root / name, seed=seed, base_model=base_model)
+        )
+        for name, seed in seeds.items()
+    }
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The token ids of a one-message chat prompt, generation prompt appended."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+    )
+    return list(ids["input_ids"])

@@ -21,7 +21,11 @@ from routing.fusion.group import FusionLockstepError, lockstep
 from routing.fusion.spec import FusionSpec
 from serve.engine import Engine, EngineConfig, FusionTarget, GenerationParams, LoraTarget
 from tests.integration.fusion_reference import FusionReference
-from tests.integration.lora_fixtures import make_random_lora
+from tests.integration.lora_fixtures import (
+    chat_prompt_ids,
+    load_reference_model,
+    random_lora_targets,
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -38,27 +42,17 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest.fixture(scope="module")
 def base_model(model_dir: Path) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
-    return tokenizer, model
+    return load_reference_model(model_dir)
 
 
 @pytest.fixture(scope="module")
 def adapters(
     model_dir: Path, base_model: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, LoraTarget]:
-    root = tmp_path_factory.mktemp("fusion-adapters")
     _, model = base_model
-    return {
-        name: LoraTarget(
-            name, make_random_lora(model_dir, root / name, seed=seed, base_model=model)
-        )
-        for name, seed in (("alpha", 10), ("beta", 11))
-    }
+    return random_lora_targets(
+        model_dir, model, tmp_path_factory.mktemp("fusion-adapters"), {"alpha": 10, "beta": 11}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +76,6 @@ def engine(model_dir: Path) -> Iterator[Engine]:
         yield engine
     finally:
         engine.shutdown()
-
-
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
-    )
-    return list(ids["input_ids"])
 
 
 def _params() -> GenerationParams:
@@ -117,7 +104,7 @@ async def test_invariants(engine: Engine, adapters: dict[str, LoraTarget], base_
     tokenizer, _ = base_model
     a = adapters["alpha"]
     for i, prompt in enumerate(PROMPTS[:3]):
-        ids = _prompt_ids(tokenizer, prompt)
+        ids = chat_prompt_ids(tokenizer, prompt)
         base = await _plain(engine, ids, None, f"inv-base-{i}")
         alone = await _plain(engine, ids, a, f"inv-a-{i}")
         assert alone != base  # or the invariants would prove nothing
@@ -141,7 +128,7 @@ async def test_engine_equals_reference(
     try:
         for label, fusion in sets.items():
             for i, prompt in enumerate(PROMPTS):
-                ids = _prompt_ids(tokenizer, prompt)
+                ids = chat_prompt_ids(tokenizer, prompt)
                 expected = reference.greedy(
                     ids,
                     [t.name for t in fusion.adapters],
@@ -165,7 +152,7 @@ async def test_fused_and_unfused_together_equal_alone(
     jobs = [(p, kind) for p in PROMPTS[:3] for kind in kinds]
 
     async def run(prompt: str, kind: Any, rid: str) -> list[int]:
-        ids = _prompt_ids(tokenizer, prompt)
+        ids = chat_prompt_ids(tokenizer, prompt)
         if isinstance(kind, FusionTarget):
             return await _fused(engine, ids, kind, rid)
         return await _plain(engine, ids, kind, rid)
@@ -190,7 +177,7 @@ async def test_member_finishing_early_fails_instead_of_returning_text(
     lockstep check fails the request. What it released before is the fused text's start."""
     tokenizer, _ = base_model
     a = adapters["alpha"]
-    ids = _prompt_ids(tokenizer, PROMPTS[0])
+    ids = chat_prompt_ids(tokenizer, PROMPTS[0])
     fused = await _fused(engine, ids, _fixed([a, a], [0.5, 0.5]), "early-reference")
     members = []
     for i, (lora, max_tokens) in enumerate(((None, MAX_TOKENS), (a, 3), (a, MAX_TOKENS))):

@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 
 from serve.engine import Engine, EngineConfig, GenerationParams, LoraLoadError, LoraTarget
-from tests.integration.lora_fixtures import make_random_lora
+from tests.integration.lora_fixtures import (
+    chat_prompt_ids,
+    load_reference_model,
+    make_random_lora,
+    random_lora_targets,
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -31,27 +36,17 @@ module_loop = pytest.mark.asyncio(loop_scope="module")
 
 @pytest.fixture(scope="module")
 def reference_model(model_dir: Path) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
-    return tokenizer, model
+    return load_reference_model(model_dir)
 
 
 @pytest.fixture(scope="module")
 def adapters(
     model_dir: Path, reference_model: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, LoraTarget]:
-    root = tmp_path_factory.mktemp("adapters")
     _, model = reference_model
-    return {
-        name: LoraTarget(
-            name, make_random_lora(model_dir, root / name, seed=seed, base_model=model)
-        )
-        for name, seed in (("alpha", 0), ("beta", 1))
-    }
+    return random_lora_targets(
+        model_dir, model, tmp_path_factory.mktemp("adapters"), {"alpha": 0, "beta": 1}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +93,6 @@ def engine(engine_and_log: Any) -> Engine:
     return engine
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
-    )
-    return list(ids["input_ids"])
-
-
 async def _generate(
     engine: Engine, prompt_ids: list[int], lora: LoraTarget | None, request_id: str
 ) -> list[int]:
@@ -141,7 +129,7 @@ async def test_adapter_greedy_equals_peft(
         peft_model.eval()
         try:
             for i, prompt in enumerate(prompts):
-                ids = _prompt_ids(tokenizer, prompt)
+                ids = chat_prompt_ids(tokenizer, prompt)
                 with torch.inference_mode():
                     output = peft_model.generate(
                         input_ids=torch.tensor([ids]),
@@ -168,12 +156,12 @@ async def test_mixed_batch_equals_alone(
         for lora in (None, adapters["alpha"], adapters["beta"])
     ]
     alone = [
-        await _generate(engine, _prompt_ids(tokenizer, p), lora, f"alone-{i}")
+        await _generate(engine, chat_prompt_ids(tokenizer, p), lora, f"alone-{i}")
         for i, (p, lora) in enumerate(jobs)
     ]
     together = await asyncio.gather(
         *(
-            _generate(engine, _prompt_ids(tokenizer, p), lora, f"together-{i}")
+            _generate(engine, chat_prompt_ids(tokenizer, p), lora, f"together-{i}")
             for i, (p, lora) in enumerate(jobs)
         )
     )
@@ -191,7 +179,7 @@ async def test_refused_adapters_leave_the_engine_serving(
     tmp_path: Path,
 ) -> None:
     tokenizer, model = reference_model
-    ids = _prompt_ids(tokenizer, PROMPTS[0])
+    ids = chat_prompt_ids(tokenizer, PROMPTS[0])
     before = await _generate(engine, ids, None, "before-refusals")
 
     broken = tmp_path / "broken"
@@ -217,7 +205,7 @@ async def test_remove_and_reload(
     engine: Engine, adapters: dict[str, LoraTarget], reference_model: Any
 ) -> None:
     tokenizer, _ = reference_model
-    ids = _prompt_ids(tokenizer, PROMPTS[1])
+    ids = chat_prompt_ids(tokenizer, PROMPTS[1])
     target = adapters["alpha"]
     first = await _generate(engine, ids, target, "reload-1")
     assert await engine.remove_lora(target.name)

@@ -153,3 +153,23 @@ def test_group_without_the_base_mixes_the_adapters() -> None:
     expected = 0.25 * logits[0] + 0.75 * logits[1]
     proc.apply(logits)
     assert torch.allclose(logits[0], expected) and torch.equal(logits[0], logits[1])
+
+
+def test_banned_tokens_stay_banned_and_nothing_is_nan() -> None:
+    proc = processor()
+    specs = [FusionSpec("b", i, 3, (0.5, 0.5), (1.0, 1.0)) for i in range(3)]
+    proc.update_state(update([(i, params(specs[i]), []) for i in range(3)], size=3))
+    logits = torch.randn(3, V)
+    logits[:, 5] = float("-inf")  # banned for every member, e.g. min_tokens on EOS
+    logits[1, 7] = float("-inf")  # banned in one member's row only
+    proc.apply(logits)
+    assert not torch.isnan(logits).any()
+    assert torch.isinf(logits[:, 5]).all() and torch.isinf(logits[:, 7]).all()
+    assert int(torch.isfinite(logits[0]).sum()) == V - 2
+    dynamic = processor()
+    dspecs = [FusionSpec("d", i, 3, None, (1.0, 1.0)) for i in range(3)]
+    dynamic.update_state(update([(i, params(dspecs[i]), []) for i in range(3)], size=3))
+    logits = torch.randn(3, V)
+    logits[:, 3] = float("-inf")
+    dynamic.apply(logits)
+    assert not torch.isnan(logits).any() and torch.isinf(logits[:, 3]).all()
