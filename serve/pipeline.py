@@ -130,6 +130,15 @@ class Completed:
     annotation: Annotation
 
 
+def _too_long(request: GenerationRequest, message: str) -> APIError:
+    """The 400 for a prompt the request cannot have, on the field that holds it."""
+    return bad_request(
+        message,
+        param="messages" if request.messages is not None else "prompt",
+        code="context_length_exceeded",
+    )
+
+
 class Pipeline:
     def __init__(
         self,
@@ -295,13 +304,12 @@ class Pipeline:
         members = fusion_members(fusion)
         limit = self.engine.fusion_prompt_limit(members)
         if prompt_tokens > limit:
-            raise bad_request(
+            raise _too_long(
+                request,
                 f"A fusion group of {members} members prefills its prompt "
                 f"once per member in one engine step, so the prompt may have at most {limit} "
                 f"tokens here; it has {prompt_tokens}. Use fewer adapters or "
                 "demonstrations, or raise --max-num-batched-tokens.",
-                param="messages" if request.messages is not None else "prompt",
-                code="context_length_exceeded",
             )
 
     def _check_model(self, model: str) -> None:
@@ -471,13 +479,12 @@ class Pipeline:
         room = limit - len(prompt_ids)
         if room < 1 or (request.max_tokens is not None and request.max_tokens > room):
             wanted = request.max_tokens if request.max_tokens is not None else 1
-            raise bad_request(
+            raise _too_long(
+                request,
                 f"This model's maximum context length is {limit} tokens. However, you "
                 f"requested {len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the "
                 f"prompt, {wanted} for the completion). Please reduce the length of the "
                 "messages or completion.",
-                param="messages" if request.messages is not None else "prompt",
-                code="context_length_exceeded",
             )
         params = request.params
         params.max_tokens = request.max_tokens if request.max_tokens is not None else room
