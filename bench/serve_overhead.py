@@ -56,6 +56,10 @@ class Round:
     ttft_p99_ms: float
     completed: int
     duration_s: float
+    # CPU time of the HTTP server's own process (the engine core is a child process and
+    # not counted) per request of the measured run: the part of the work that differs
+    # between the two servers, free of the scheduling noise that moves TTFT under a burst.
+    api_cpu_ms_per_request: float
 
 
 def _free_port() -> int:
@@ -128,6 +132,13 @@ def _start(
     return subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -238,7 +249,9 @@ def main() -> int:
             try:
                 _wait_ready(f"http://127.0.0.1:{ports[kind]}/health", process)
                 _drive(ports[kind], model_dir, args, num_prompts=16, seed=999)  # warm-up
+                cpu_before = _cpu_seconds(process.pid)
                 result = _drive(ports[kind], model_dir, args, args.num_prompts, seed=r)
+                api_cpu = _cpu_seconds(process.pid) - cpu_before
                 row = Round(
                     server=kind,
                     round=r,
@@ -247,12 +260,14 @@ def main() -> int:
                     ttft_p99_ms=float(result["p99_ttft_ms"]),
                     completed=int(result["completed"]),
                     duration_s=float(result["duration"]),
+                    api_cpu_ms_per_request=1000 * api_cpu / max(1, int(result["completed"])),
                 )
                 rounds.append(row)
                 print(
                     f"round {r} {kind:9s} {row.output_throughput:8.1f} out tok/s  "
                     f"TTFT p50 {row.ttft_p50_ms:8.1f} ms  p99 {row.ttft_p99_ms:8.1f} ms  "
-                    f"({row.completed} done in {row.duration_s:.1f} s)",
+                    f"({row.completed} done in {row.duration_s:.1f} s)  "
+                    f"API process CPU {row.api_cpu_ms_per_request:.2f} ms/request",
                     flush=True,
                 )
             finally:
@@ -264,7 +279,12 @@ def main() -> int:
     summary = {
         kind: {
             field: median(kind, field)
-            for field in ("output_throughput", "ttft_p50_ms", "ttft_p99_ms")
+            for field in (
+                "output_throughput",
+                "ttft_p50_ms",
+                "ttft_p99_ms",
+                "api_cpu_ms_per_request",
+            )
         }
         for kind in ("vllm", "crosstask")
     }

@@ -139,6 +139,20 @@ class _LoraEntry:
     loaded: bool = False
 
 
+def import_engine_libraries() -> None:
+    """Import vLLM and the transformers modules it and the embedder share, in the calling
+    thread. The server then loads the engine and the embedder in two threads at once; two
+    threads importing transformers' lazy modules together can deadlock in the import
+    system, which then hands one of them a half-built module (start-up failed once with
+    "cannot import name 'PreTrainedConfig' from 'transformers'")."""
+    import transformers
+    from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: F401
+    from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
+
+    for name in ("AutoConfig", "AutoModel", "AutoTokenizer", "PreTrainedConfig"):
+        getattr(transformers, name)
+
+
 def _resolve_dtype(requested: str) -> str:
     if requested != "auto":
         return requested

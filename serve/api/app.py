@@ -27,7 +27,7 @@ from serve.api.limits import LimitsMiddleware
 from serve.api.middleware import MetricsMiddleware
 from serve.api.models.api_router import router as models_router
 from serve.api.state import ServerState, Status
-from serve.engine import Engine, EngineConfig
+from serve.engine import Engine, EngineConfig, import_engine_libraries
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,11 @@ async def _start_engine(
     start: EngineStarter,
     open_retriever: RetrieverOpener,
     open_routing: RoutingOpener,
+    import_libraries: Callable[[], None],
 ) -> None:
     retriever: Retriever | None = None
     try:
+        await asyncio.to_thread(import_libraries)
         # Loading and compiling blocks for tens of seconds; threads keep /health
         # answering 503 meanwhile, and the store opens while the engine compiles.
         engine_task = asyncio.create_task(asyncio.to_thread(start, state.engine_config))
@@ -194,6 +196,7 @@ def create_app(
     engine_config: EngineConfig,
     start_engine: EngineStarter = Engine.start,
     open_retriever: RetrieverOpener = lambda: None,
+    import_libraries: Callable[[], None] = import_engine_libraries,
     open_routing: RoutingOpener = lambda engine, retriever: None,
     on_fatal: Callable[[int], None] | None = None,
 ) -> FastAPI:
@@ -204,7 +207,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         starter = asyncio.create_task(
-            _start_engine(state, start_engine, open_retriever, open_routing)
+            _start_engine(state, start_engine, open_retriever, open_routing, import_libraries)
         )
         watchdog = asyncio.create_task(_watch_engine(state))
         try:

@@ -69,6 +69,31 @@ def test_failed_start_is_fatal() -> None:
         assert c.post("/v1/chat/completions", json=CHAT).json()["error"]["code"] == "engine_dead"
 
 
+def test_libraries_are_imported_before_engine_and_store_load_in_parallel() -> None:
+    # The engine and the store load in two threads; both import transformers, which two
+    # threads must not do at once (start-up once failed with "cannot import name").
+    events: list[str] = []
+
+    def start(config: object) -> FakeEngine:
+        events.append("engine")
+        return FakeEngine(config)  # type: ignore[arg-type]
+
+    def open_retriever() -> None:
+        events.append("store")
+
+    app = create_app(
+        Settings(),
+        fake_config(),
+        start_engine=start,  # type: ignore[arg-type]
+        open_retriever=open_retriever,
+        import_libraries=lambda: events.append("import"),
+    )
+    with TestClient(app) as c:
+        _wait_status(c, 200)
+    assert events[0] == "import"
+    assert sorted(events[1:]) == ["engine", "store"]
+
+
 def test_engine_death_turns_health_503_and_is_fatal() -> None:
     fatal: list[int] = []
     starter = BlockingStarter()
