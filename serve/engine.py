@@ -173,6 +173,7 @@ class Engine:
         self.max_model_len: int = int(llm.model_config.max_model_len)
         self._load_lock = threading.Lock()
         self._load: tuple[int, int] = (0, 0)
+        self._preemptions = 0
         # LoRA names -> vLLM's int ids. Ids are never reused: vLLM caches weights by id, so
         # a name re-loaded (perhaps from another folder) must not hit the old weights.
         self._lora_lock = threading.Lock()
@@ -241,9 +242,20 @@ class Engine:
         with self._load_lock:
             return self._load
 
+    @property
+    def preemptions(self) -> int:
+        """Requests the scheduler has preempted (KV cache full) since the engine started;
+        each is recomputed later, and a fusion group loses a member's lockstep by it."""
+        with self._load_lock:
+            return self._preemptions
+
     def _record_load(self, running: int, waiting: int) -> None:
         with self._load_lock:
             self._load = (running, waiting)
+
+    def _record_preemptions(self, count: int) -> None:
+        with self._load_lock:
+            self._preemptions += count
 
     # -- requests ----------------------------------------------------------------------
 
@@ -592,7 +604,8 @@ def _lora_args(config: EngineConfig) -> dict[str, Any]:
 
 
 class _LoadLogger:
-    """A vLLM stat logger that keeps only what /metrics needs: running and waiting counts."""
+    """A vLLM stat logger that keeps only what /metrics needs: running and waiting counts,
+    and preemptions."""
 
     def __init__(self, holder: list[Engine]) -> None:
         self._holder = holder
@@ -604,11 +617,16 @@ class _LoadLogger:
         mm_cache_stats: Any = None,
         engine_idx: int = 0,
     ) -> None:
-        if scheduler_stats is not None and self._holder:
+        if not self._holder:
+            return
+        if scheduler_stats is not None:
             self._holder[0]._record_load(
                 int(scheduler_stats.num_running_reqs),
                 int(scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs),
             )
+        preempted = int(getattr(iteration_stats, "num_preempted_reqs", 0) or 0)
+        if preempted:
+            self._holder[0]._record_preemptions(preempted)
 
     def log_engine_initialized(self) -> None:
         pass

@@ -3,13 +3,29 @@ build several apps in one process)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60)
+
+
+class _CounterReader:
+    """A counter whose value is kept elsewhere (the engine) and read at scrape time."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.read: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, value=float(self.read()))
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation)
 
 
 @dataclass
@@ -125,8 +141,19 @@ class Metrics:
         self.engine_ready = Gauge(
             "crosstask_engine_ready", "1 once the engine serves requests, else 0.", registry=r
         )
+        self._preemptions = _CounterReader(
+            "crosstask_engine_preemptions",
+            "Requests the engine preempted because its KV cache was full, counted when they run "
+            "again (recomputed); one aborted while preempted is not. A steady rise means the "
+            "cache is too small for the load.",
+        )
+        r.register(self._preemptions)
 
-    def track_engine_load(self, load: Callable[[], tuple[int, int]]) -> None:
-        """Read (running, waiting) from the engine at scrape time rather than on every step."""
+    def track_engine_load(
+        self, load: Callable[[], tuple[int, int]], preemptions: Callable[[], int]
+    ) -> None:
+        """Read (running, waiting) and the preemptions from the engine at scrape time
+        rather than on every step."""
         self.running.set_function(lambda: float(load()[0]))
         self.waiting.set_function(lambda: float(load()[1]))
+        self._preemptions.read = preemptions

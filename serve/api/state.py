@@ -79,7 +79,7 @@ class ServerState:
         self.pipeline = Pipeline(self.settings, engine, self.metrics, retriever, routing)
         self.chat = ChatServing(self.pipeline)
         self.completion = CompletionServing(self.pipeline)
-        self.metrics.track_engine_load(engine.load)
+        self.metrics.track_engine_load(engine.load, lambda: engine.preemptions)
         # A drain that began while the engine was starting stays a drain.
         if self.status is Status.STARTING:
             self.status = Status.READY

@@ -24,6 +24,7 @@ class FakeEngine:
         self.tokenizer = FakeTokenizer()
         self.errored = False
         self.last_prompt: list[int] = []
+        self.preemptions = 0
 
     def load(self) -> tuple[int, int]:
         return (0, 0)

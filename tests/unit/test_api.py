@@ -183,3 +183,14 @@ def test_metrics_label_route_templates(client: TestClient) -> None:
     assert 'route="/v1/models/{model_id:path}",status="404"' in text
     assert 'route="unmatched",status="404"' in text
     assert "some-unknown-model" not in text
+
+
+def test_metrics_read_engine_preemptions_at_scrape() -> None:
+    starter = BlockingStarter()
+    starter.release.set()
+    with _client(Settings(), starter) as c:
+        _wait_status(c, 200)
+        assert "crosstask_engine_preemptions_total 0.0" in c.get("/metrics").text
+        assert starter.engine is not None
+        starter.engine.preemptions = 3
+        assert "crosstask_engine_preemptions_total 3.0" in c.get("/metrics").text
