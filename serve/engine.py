@@ -244,8 +244,9 @@ class Engine:
 
     @property
     def preemptions(self) -> int:
-        """Requests the scheduler has preempted (KV cache full) since the engine started;
-        each is recomputed later, and a fusion group loses a member's lockstep by it."""
+        """Requests the scheduler has preempted (KV cache full) since the engine started, as
+        vLLM reports them: with the request's next output once it is recomputed, so one
+        aborted while preempted is not counted."""
         with self._load_lock:
             return self._preemptions
 
