@@ -96,7 +96,7 @@ class Settings(BaseSettings):
 
     # Retrieval.
     default_k: int = Field(
-        default=4,
+        default=6,
         ge=0,
         le=32,
         description="Demonstrations per request when the request does not say (with a store).",
