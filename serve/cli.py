@@ -264,6 +264,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.drain_seconds),
+        timeout_keep_alive=settings.keep_alive_seconds,
         access_log=False,
     )
     config_grace = int(settings.drain_seconds)

@@ -174,6 +174,12 @@ class Settings(BaseSettings):
     # Lifecycle: on SIGTERM, /health and new requests answer 503 while the requests in
     # flight get up to this long to finish; then the process exits 0.
     drain_seconds: float = Field(default=30.0, ge=0)
+    # How long an idle keep-alive connection stays open. It must outlast the clients' own
+    # pool expiry (httpx, so the openai client: 5 s; load balancers: typically 60 s):
+    # at uvicorn's 5 s both ends close at once, and a request sent on a connection the
+    # server is just closing fails with a connection error, never reaching the server (seen
+    # once in 814 requests of bench/load.py).
+    keep_alive_seconds: int = Field(default=75, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("api_keys", "cors_origins", mode="before")
