@@ -12,6 +12,9 @@ from typing import Any
 
 log = logging.getLogger("crosstask")
 
+# Compiled oneDNN primitives kept per process (oneDNN's default: 1,024); see below.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 128
+
 
 def _process_environment() -> None:
     # Nothing may come from a model hub at run time, and vLLM must not report usage home.
@@ -19,6 +22,15 @@ def _process_environment() -> None:
         os.environ.setdefault(name, "1")
     # Logs go to stderr, vLLM's included: stdout carries results (batch summary, search hits).
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    # oneDNN keeps every matmul primitive it compiles in a process-wide cache, 1,024 by
+    # default, and a primitive fits one row count: on a server, the tokens of one engine
+    # step, which keep changing. Under bench/load.py the vLLM worker grew ~35 MiB a round
+    # (60 s, 128 clients), all of it, by a jemalloc heap profile, compiled primitives under
+    # vLLM's MatMulPrimitiveHandler::get_matmul_cache; the embedder's torch matmuls do the
+    # same in the API process. vLLM already keeps the 32 latest per weight shape, so a
+    # small global cache costs little speed and bounds the memory. Read by the engine's
+    # worker processes (they inherit this environment); a value set outside wins.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
 
 
 def _configure_logging(level: str) -> None:

@@ -1,0 +1,38 @@
+"""The process environment `crosstask` sets before anything imports vLLM or torch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from serve import cli
+
+
+@pytest.fixture
+def environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A copy of the environment for the test to change; the real one is left alone."""
+    copy = dict(os.environ)
+    monkeypatch.setattr(os, "environ", copy)
+    return copy
+
+
+def test_onednn_cache_is_bounded_unless_the_environment_says_otherwise(
+    environ: dict[str, str],
+) -> None:
+    environ.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    cli._process_environment()
+    assert environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(cli.ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+    assert cli.ONEDNN_PRIMITIVE_CACHE_CAPACITY < 1024  # oneDNN's own default
+
+    environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "7"
+    cli._process_environment()
+    assert environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+
+
+def test_nothing_comes_from_a_model_hub(environ: dict[str, str]) -> None:
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_NO_USAGE_STATS"):
+        environ.pop(name, None)
+    cli._process_environment()
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_NO_USAGE_STATS"):
+        assert environ[name] == "1"
