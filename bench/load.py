@@ -13,7 +13,9 @@ pass for another request's. Afterwards the script checks:
 - the server counted as many requests per route as the clients sent (from /metrics);
 - no error other than the intended ones (disconnects, and 429s past the admission bound);
 - nothing left running in the engine, and the server's memory and open file descriptors
-  (its process and the engine's) before and after, for flatness.
+  (its process and the engine's) before and after, for flatness; with --rounds 3 or more,
+  `memory_trend` fits resident memory per round (from the second on) and the run fails
+  when it grows more than --max-rss-growth MiB a round.
 
 Adapter traffic (unless --no-adapters): the adapters come from the server's GET
 /v1/adapters at start (none listed: no adapter traffic, and the report says so). A share of
@@ -750,7 +752,44 @@ async def run(args: argparse.Namespace, base_url: str, server_pid: int | None) -
             "total_rss_mib_delta": round(last["total_rss_mib"] - first["total_rss_mib"], 1),
             "total_fds_delta": last["total_fds"] - first["total_fds"],
         }
+    trend = memory_trend(rounds, args.max_rss_growth)
+    if trend is not None:
+        report["memory_trend"] = trend
+        report["passed"] = report["passed"] and trend["flat"]
     return report
+
+
+def memory_trend(rounds: list[dict[str, Any]], max_growth: float) -> dict[str, Any] | None:
+    """Resident memory at the end of each round, per process and in all, and its growth per
+    round from the second round on (least-squares slope). The first round is left out of the
+    slope because it also pays for one-off allocations (caches filling, adapters and merges
+    loading); single rounds move by tens of MiB either way (what the allocator keeps), so a
+    leak shows as a slope, not as one difference. Flat: the total's slope is at most
+    `max_growth` MiB per round. None with fewer than 3 rounds."""
+    after = [r["resources_after"] for r in rounds]
+    if len(after) < 3 or any(a is None for a in after):
+        return None
+
+    def slope(values: list[float]) -> float:
+        later = values[1:]
+        return statistics.linear_regression(range(len(later)), later).slope
+
+    by_process = {
+        name: [a["processes"][name]["rss_mib"] for a in after]
+        for name in after[0]["processes"]
+        if all(name in a["processes"] for a in after)
+    }
+    total = [a["total_rss_mib"] for a in after]
+    total_slope = slope(total)
+    return {
+        "rss_mib_by_round": by_process,
+        "total_rss_mib_by_round": total,
+        "growth_mib_per_round": {name: round(slope(v), 1) for name, v in by_process.items()},
+        "total_growth_mib_per_round": round(total_slope, 1),
+        "total_fds_by_round": [a["total_fds"] for a in after],
+        "max_growth_mib_per_round": max_growth,
+        "flat": total_slope <= max_growth,
+    }
 
 
 def list_adapters(base_url: str, headers: dict[str, str]) -> tuple[list[str], str]:
@@ -947,7 +986,15 @@ def main() -> int:
         type=int,
         default=1,
         help="Repeat the load; with 2 or more, memory and fds are compared between the end "
-        "of the first round and the end of the last.",
+        "of the first round and the end of the last; with 3 or more, the run also fails "
+        "when resident memory keeps growing (--max-rss-growth).",
+    )
+    parser.add_argument(
+        "--max-rss-growth",
+        type=float,
+        default=10.0,
+        help="MiB per round: the most the server's processes together may grow, by the "
+        "slope of their resident memory from the second round on (memory_trend).",
     )
     parser.add_argument("--k", type=int, default=4, help="Demonstrations per request.")
     parser.add_argument("--timeout", type=float, default=600.0, help="Per-request timeout (s).")
@@ -1021,6 +1068,11 @@ def main() -> int:
     summary["integrity_ok"] = report["integrity"]["ok"]
     summary["resources_delta"] = report["resources_delta"]
     summary["resources_delta_after_first_round"] = report.get("resources_delta_after_first_round")
+    if "memory_trend" in report:
+        summary["memory_trend"] = {
+            k: report["memory_trend"][k]
+            for k in ("total_rss_mib_by_round", "growth_mib_per_round", "flat")
+        }
     traffic = report["adapter_traffic"]
     summary["adapter_traffic"] = {
         "enabled": traffic["enabled"],

@@ -12,8 +12,8 @@ from typing import Any
 
 log = logging.getLogger("crosstask")
 
-# Compiled oneDNN primitives kept per process (oneDNN's default: 1,024); see below.
-ONEDNN_PRIMITIVE_CACHE_CAPACITY = 128
+# Compiled oneDNN primitives kept per cache (oneDNN's and torch's default: 1,024); see below.
+PRIMITIVE_CACHE_CAPACITY = 128
 
 
 def _process_environment() -> None:
@@ -22,15 +22,17 @@ def _process_environment() -> None:
         os.environ.setdefault(name, "1")
     # Logs go to stderr, vLLM's included: stdout carries results (batch summary, search hits).
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    # oneDNN keeps every matmul primitive it compiles in a process-wide cache, 1,024 by
-    # default, and a primitive fits one row count: on a server, the tokens of one engine
-    # step, which keep changing. Under bench/load.py the vLLM worker grew ~35 MiB a round
-    # (60 s, 128 clients), all of it, by a jemalloc heap profile, compiled primitives under
-    # vLLM's MatMulPrimitiveHandler::get_matmul_cache; the embedder's torch matmuls do the
-    # same in the API process. vLLM already keeps the 32 latest per weight shape, so a
-    # small global cache costs little speed and bounds the memory. Read by the engine's
-    # worker processes (they inherit this environment); a value set outside wins.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
+    # oneDNN keeps every matmul primitive it compiles, and a primitive fits one row count:
+    # on a server, the tokens of one engine step or one embedder batch, which keep
+    # changing. Its process-wide cache (1,024 by default) made the vLLM worker grow ~35 MiB
+    # per bench/load.py round (60 s, 128 clients): by a jemalloc heap profile, all of it
+    # under vLLM's MatMulPrimitiveHandler::get_matmul_cache. torch keeps its own
+    # (ideep's, LRU_CACHE_CAPACITY, also 1,024) for the embedder's linear layers in the API
+    # process. vLLM already keeps the latest 32 per weight shape, so small caches cost
+    # little speed and bound the memory. The engine's processes inherit this environment;
+    # a value set outside wins.
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(PRIMITIVE_CACHE_CAPACITY))
 
 
 def _configure_logging(level: str) -> None:

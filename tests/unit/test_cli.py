@@ -17,17 +17,18 @@ def environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return copy
 
 
-def test_onednn_cache_is_bounded_unless_the_environment_says_otherwise(
-    environ: dict[str, str],
+@pytest.mark.parametrize("name", ["ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"])
+def test_primitive_caches_are_bounded_unless_the_environment_says_otherwise(
+    environ: dict[str, str], name: str
 ) -> None:
-    environ.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    environ.pop(name, None)
     cli._process_environment()
-    assert environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(cli.ONEDNN_PRIMITIVE_CACHE_CAPACITY)
-    assert cli.ONEDNN_PRIMITIVE_CACHE_CAPACITY < 1024  # oneDNN's own default
+    assert environ[name] == str(cli.PRIMITIVE_CACHE_CAPACITY)
+    assert cli.PRIMITIVE_CACHE_CAPACITY < 1024  # oneDNN's and torch's own default
 
-    environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "7"
+    environ[name] = "7"
     cli._process_environment()
-    assert environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+    assert environ[name] == "7"
 
 
 def test_nothing_comes_from_a_model_hub(environ: dict[str, str]) -> None:

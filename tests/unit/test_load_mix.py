@@ -296,3 +296,38 @@ def test_help_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--no-adapters" in result.stdout and "--adapter-share" in result.stdout
+
+
+def _rounds(totals: list[float], worker: list[float]) -> list[dict[str, Any]]:
+    return [
+        {
+            "resources_after": {
+                "total_rss_mib": total,
+                "total_fds": 180,
+                "processes": {
+                    "python[1]": {"rss_mib": total - w},
+                    "VLLM::Worker[2]": {"rss_mib": w},
+                },
+            }
+        }
+        for total, w in zip(totals, worker, strict=True)
+    ]
+
+
+def test_memory_trend_fails_a_steady_leak_and_passes_noise_around_a_level() -> None:
+    # Totals of a real 8-round run before the primitive caches were bounded: ~40 MiB/round.
+    leaking = [8013.4, 8064.0, 8147.5, 8168.8, 8213.8, 8236.8, 8268.9, 8336.3]
+    trend = load.memory_trend(_rounds(leaking, [t - 1800 for t in leaking]), 10.0)
+    assert trend is not None and not trend["flat"]
+    assert 35 < trend["total_growth_mib_per_round"] < 45
+    assert trend["growth_mib_per_round"]["VLLM::Worker[2]"] == trend["total_growth_mib_per_round"]
+
+    # A big first round (caches filling), then tens of MiB either way without a trend.
+    level = [7900.0, 8060.0, 8085.0, 8041.0, 8079.0, 8052.0, 8070.0]
+    trend = load.memory_trend(_rounds(level, [6000.0] * len(level)), 10.0)
+    assert trend is not None and trend["flat"]
+    assert trend["growth_mib_per_round"]["VLLM::Worker[2]"] == 0.0
+
+
+def test_memory_trend_needs_three_rounds() -> None:
+    assert load.memory_trend(_rounds([1.0, 2.0], [1.0, 1.0]), 10.0) is None
