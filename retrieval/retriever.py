@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,15 @@ class Retriever:
     _worker: asyncio.Task[None] | None = field(default=None, init=False)
     _following: asyncio.Task[None] | None = field(default=None, init=False)
     _started: bool = field(default=False, init=False)
+    # Every encode runs on this one thread. torch keeps its compiled matmul primitives per
+    # thread (ideep's cache, one primitive per input shape) and glibc a heap arena per
+    # thread: encodes spread over the default executor's threads multiplied both, and the
+    # API process kept growing under load.
+    _embed_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="crosstask-embed"),
+        init=False,
+        repr=False,
+    )
     # Searches running on each store (all on the event loop, so no lock): a replaced
     # store is closed when its count drops to zero.
     _searches: dict[DemonstrationStore, int] = field(default_factory=dict, init=False)
@@ -87,6 +97,11 @@ class Retriever:
         await self._queue.put(_Pending(text, future))
         return await future
 
+    async def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit-length embeddings of `texts`, one batch, on the embedder's own thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._embed_thread, self.embedder.encode, texts)
+
     async def _encode_batches(self, queue: asyncio.Queue[_Pending]) -> None:
         while True:
             batch = [await queue.get()]
@@ -96,7 +111,7 @@ class Retriever:
             if not live:
                 continue
             try:
-                vectors = await asyncio.to_thread(self.embedder.encode, [p.text for p in live])
+                vectors = await self.encode([p.text for p in live])
             except Exception as exc:
                 for p in live:
                     if not p.future.done():
@@ -132,6 +147,7 @@ class Retriever:
         # Replaced stores still searched are closed too: close() waits for the searches.
         for store in {self.store, *self._searches}:
             await asyncio.to_thread(store.close)
+        self._embed_thread.shutdown(wait=False, cancel_futures=True)
 
 
 def open_retriever(

@@ -52,7 +52,7 @@ class DemonstrationServing:
             for e in request.examples
         ]
         texts = [query_text(request.definition, e.input) for e in request.examples]
-        vectors = await asyncio.to_thread(self.retriever.embedder.encode, texts)
+        vectors = await self.retriever.encode(texts)
         try:
             # Returns only once the whole batch is committed to disk (or nothing is).
             ids = await asyncio.to_thread(self.retriever.store.add, records, vectors)
