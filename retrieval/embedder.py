@@ -36,7 +36,9 @@ QUANTIZE_MODES = ("none", "int8")
 # examples, bench/store_build.py): int8 weights used 2.2x fewer CPU-seconds per example
 # than torch in bfloat16 (61 against 28 examples per CPU-second), every stored vector
 # within cosine 0.974 of torch's. float32 ONNX matched torch to 0.9999 but saved only
-# 14% on a CPU with native bfloat16, so it is not worth a default of its own.
+# 14% on a CPU with native bfloat16, so it is not worth a default of its own. (Torch
+# figures from before its batches were padded to few shapes (_TOKEN_MULTIPLE), which
+# costs it about 17% when building a store.)
 # But int8 changed the nearest demonstration for a third of the dev-task queries (top-1
 # agreement 0.66, top-4 overlap 0.69), and its effect on answer quality is not measured
 # yet: until `crosstask eval` shows it costs nothing, `auto` keeps torch and int8 stays
@@ -46,6 +48,14 @@ AUTO_BACKEND = ("torch", "none")
 # English token averages about 4 characters, so 8 per token never cuts what the model
 # would have read.
 _CHARS_PER_TOKEN_BOUND = 8
+# torch compiles a oneDNN matmul primitive for every new (rows x tokens) shape it meets and
+# caches it per thread; a server's queries come in ever-new shapes, so under load the API
+# process kept growing (a jemalloc profile put 96% of its growth in those primitives).
+# Padding texts to a multiple of 32 tokens and cutting each batch into power-of-two pieces
+# leaves 31 row counts (x 3 weight shapes: 93 primitives, under the cache's 128), reached
+# early and then reused. The padding costs at most 31 tokens a text; the pieces cost no
+# padded rows at all.
+_TOKEN_MULTIPLE = 32
 
 
 class EmbedderError(RuntimeError):
@@ -274,20 +284,26 @@ class Embedder:
         return vectors
 
     def _encode_sentence_transformers(self, clipped: list[str]) -> np.ndarray:
-        # Length-bucketed batches: sorted by length, each batch pads to near its own
-        # longest text instead of to the longest in the whole call. (sentence-transformers
-        # sorts within one encode() call too; sorting here keeps that true whatever it
-        # does, and keeps batches from a long call homogeneous.)
+        # Length-bucketed batches: sorted by length, each piece pads to near its own
+        # longest text instead of to the longest in the whole call.
         order = np.argsort([-len(t) for t in clipped], kind="stable")
         ordered = [clipped[i] for i in order]
+        parts = []
         with self._lock:
-            out = self._model.encode(
-                ordered,
-                batch_size=self.batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
+            for start in range(0, len(ordered), self.batch_size):
+                chunk = ordered[start : start + self.batch_size]
+                for offset, rows in _power_of_two_pieces(len(chunk)):
+                    parts.append(
+                        self._model.encode(
+                            chunk[offset : offset + rows],
+                            batch_size=rows,
+                            convert_to_numpy=True,
+                            normalize_embeddings=True,
+                            show_progress_bar=False,
+                            processing_kwargs={"text": {"pad_to_multiple_of": _TOKEN_MULTIPLE}},
+                        )
+                    )
+        out = np.concatenate(parts)
         vectors = np.empty(out.shape, dtype=np.float32)
         vectors[order] = out
         return vectors
@@ -295,3 +311,15 @@ class Embedder:
     def encode_one(self, text: str) -> np.ndarray:
         """Shape (dim,): the embedding of one text (a request's query)."""
         return self.encode([text])[0]
+
+
+def _power_of_two_pieces(n: int) -> list[tuple[int, int]]:
+    """(offset, rows) pieces of a batch of `n`, each a power of two, largest first:
+    37 -> (0, 32), (32, 4), (36, 1)."""
+    pieces = []
+    offset = 0
+    for bit in reversed(range(n.bit_length())):
+        if n >> bit & 1:
+            pieces.append((offset, 1 << bit))
+            offset += 1 << bit
+    return pieces

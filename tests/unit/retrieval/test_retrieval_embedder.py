@@ -7,7 +7,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrieval.embedder import Embedder, EmbedderError, default_model_dir
+from retrieval.embedder import (
+    Embedder,
+    EmbedderError,
+    _power_of_two_pieces,
+    default_model_dir,
+)
 
 TEXTS = [
     "How many legs does a spider have?",
@@ -78,3 +83,43 @@ def test_bad_arguments(tmp_path: Path) -> None:
         Embedder(backend="tensorflow")
     with pytest.raises(EmbedderError):
         Embedder(dtype="int4")
+
+
+def test_power_of_two_pieces() -> None:
+    assert _power_of_two_pieces(37) == [(0, 32), (32, 4), (36, 1)]
+    assert _power_of_two_pieces(64) == [(0, 64)]
+    assert _power_of_two_pieces(1) == [(0, 1)]
+    assert _power_of_two_pieces(0) == []
+
+
+def _mixed_lengths(n: int) -> list[str]:
+    words = "translate the sentence into French then count its words and answer".split()
+    # From one word to far past the 256-token limit, so truncated rows are covered too.
+    return [" ".join(words[j % len(words)] for j in range(1 + 11 * i)) for i in range(n)]
+
+
+def test_the_model_sees_few_shapes(embedder: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every new (rows x tokens) shape makes torch compile and keep another oneDNN
+    # primitive: rows must come in powers of two and tokens in multiples of 32.
+    shapes: list[tuple[int, int]] = []
+    forward = embedder._model.forward
+
+    def spy(features: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        shapes.append(tuple(features["input_ids"].shape))
+        return forward(features, *args, **kwargs)
+
+    monkeypatch.setattr(embedder._model, "forward", spy)
+    texts = _mixed_lengths(101)  # 64 + 32 + 4 + 1
+    vectors = embedder.encode(texts)
+    assert vectors.shape == (101, 384)
+    assert sorted(rows for rows, _ in shapes) == [1, 4, 32, 64]
+    assert all(tokens % 32 == 0 and tokens <= 256 for _, tokens in shapes)
+    assert max(tokens for _, tokens in shapes) == 256
+
+
+def test_bucketing_keeps_the_vectors(embedder: Any) -> None:
+    texts = _mixed_lengths(37)
+    plain = embedder._model.encode(texts, batch_size=64).astype(np.float32)
+    plain /= np.linalg.norm(plain, axis=1, keepdims=True)
+    bucketed = embedder.encode(texts)
+    assert np.all(np.sum(plain * bucketed, axis=1) > 0.999)
