@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from serve import heap_trim
+
 log = logging.getLogger("crosstask")
 
 # Compiled oneDNN primitives kept per cache (oneDNN's and torch's default: 1,024); see below.
@@ -740,6 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["batch-merge", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
+        # Read again in each of vLLM's processes, where a bad value would be a traceback.
+        heap_trim.trim_interval()
         return int(args.func(args))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         # A user's mistake (unknown task, existing folder, mismatched store) or a failed

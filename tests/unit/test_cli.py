@@ -37,3 +37,14 @@ def test_nothing_comes_from_a_model_hub(environ: dict[str, str]) -> None:
     cli._process_environment()
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_NO_USAGE_STATS"):
         assert environ[name] == "1"
+
+
+def test_a_bad_heap_trim_interval_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Checked before any command runs: vLLM's processes would each die with a traceback.
+    monkeypatch.setenv("CROSSTASK_HEAP_TRIM_SECONDS", "often")
+    assert cli.main(["store", "search", "--store", "/nonexistent", "a query"]) == 2
+    err = capsys.readouterr().err
+    assert "CROSSTASK_HEAP_TRIM_SECONDS" in err
+    assert "Traceback" not in err

@@ -93,7 +93,19 @@ def test_power_of_two_pieces() -> None:
 
 
 def _mixed_lengths(n: int) -> list[str]:
-    words = "translate the sentence into French then count its words and answer".split()
+    words = [
+        "translate",
+        "the",
+        "sentence",
+        "into",
+        "French",
+        "then",
+        "count",
+        "its",
+        "words",
+        "and",
+        "answer",
+    ]
     # From one word to far past the 256-token limit, so truncated rows are covered too.
     return [" ".join(words[j % len(words)] for j in range(1 + 11 * i)) for i in range(n)]
 
