@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -289,6 +290,8 @@ class Embedder:
         order = np.argsort([-len(t) for t in clipped], kind="stable")
         ordered = [clipped[i] for i in order]
         parts = []
+        # The tokenizer refuses a multiple that does not divide the truncation length.
+        multiple = math.gcd(self.max_seq_length, _TOKEN_MULTIPLE)
         with self._lock:
             for start in range(0, len(ordered), self.batch_size):
                 chunk = ordered[start : start + self.batch_size]
@@ -300,7 +303,7 @@ class Embedder:
                             convert_to_numpy=True,
                             normalize_embeddings=True,
                             show_progress_bar=False,
-                            processing_kwargs={"text": {"pad_to_multiple_of": _TOKEN_MULTIPLE}},
+                            processing_kwargs={"text": {"pad_to_multiple_of": multiple}},
                         )
                     )
         out = np.concatenate(parts)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,22 @@ def test_a_bad_interval_is_refused(monkeypatch: pytest.MonkeyPatch, raw: str) ->
         heap_trim.trim_interval()
 
 
-def _trimmers() -> list[threading.Thread]:
+def _trimmers() -> list[heap_trim.HeapTrimmer]:
     return [t for t in threading.enumerate() if isinstance(t, heap_trim.HeapTrimmer)]
+
+
+def _stop_all() -> None:
+    for trimmer in _trimmers():
+        trimmer.stop()
+        trimmer.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def no_trimmer() -> Iterator[None]:
+    # Other tests in this process load vLLM's plugins, which start the real trimmer.
+    _stop_all()
+    yield
+    _stop_all()
 
 
 def test_one_trimmer_per_process_trimming_on_its_timer() -> None:
@@ -113,11 +128,7 @@ def test_register_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setenv(heap_trim.ENV_INTERVAL, "3600")
     heap_trim.register()
-    try:
-        if heap_trim.malloc_trim() is not None:
-            [trimmer] = _trimmers()
-            assert trimmer.interval == 3600
-    finally:
-        for trimmer in _trimmers():
-            trimmer.stop()
-            trimmer.join(timeout=5)
+    heap_trim.register()
+    if heap_trim.malloc_trim() is not None:
+        [trimmer] = _trimmers()
+        assert trimmer.interval == 3600
