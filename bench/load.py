@@ -67,6 +67,9 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve import heap_trim
+
 MODEL = "smollm2-135m-instruct"
 AUTO_MODEL = "auto"
 RESULTS = Path(__file__).resolve().parent / "results" / "load.json"
@@ -675,7 +678,7 @@ async def run(args: argparse.Namespace, base_url: str, server_pid: int | None) -
     await client_loop(
         client, kinds[:1], random.Random(0), time.monotonic() + 1, lambda: -1, ctx, warm
     )
-    await asyncio.sleep(2)
+    await asyncio.sleep(args.rest)
     before = resources(server_pid) if server_pid else None
     counts_before = route_counts(base_url)
     aborted_before = metric(base_url, "crosstask_requests_aborted_total") or 0.0
@@ -707,6 +710,7 @@ async def run(args: argparse.Namespace, base_url: str, server_pid: int | None) -
         elapsed += took
         outcomes.extend(this_round)
         await settle(base_url)
+        await asyncio.sleep(args.rest)
         good = [o for o in this_round if o.status == "ok"]
         rounds.append(
             {
@@ -721,6 +725,7 @@ async def run(args: argparse.Namespace, base_url: str, server_pid: int | None) -
         )
     await client.close()
     await settle(base_url)
+    await asyncio.sleep(args.rest)
     after = resources(server_pid) if server_pid else None
     counts_after = route_counts(base_url)
     aborted_after = metric(base_url, "crosstask_requests_aborted_total") or 0.0
@@ -1020,6 +1025,14 @@ def main() -> int:
         action="append",
         default=[],
         help="An argument for the `crosstask serve` this script starts (repeatable).",
+    )
+    parser.add_argument(
+        "--rest",
+        type=float,
+        default=heap_trim.trim_interval() + 5 if heap_trim.trim_interval() else 2.0,
+        help="Seconds the idle server rests before its memory is read (default: one heap "
+        "trim interval and 5 s, so that every reading comes after a trim: between trims the "
+        "worker's RSS also holds up to ~200 MiB of pages freed since the last one).",
     )
     parser.add_argument("--server-log", type=Path, default=Path("/tmp/crosstask-load-server.log"))
     parser.add_argument("--out", type=Path, default=RESULTS)
