@@ -68,7 +68,7 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve import heap_trim
+from serve.engine import heap_trim
 
 MODEL = "smollm2-135m-instruct"
 AUTO_MODEL = "auto"

@@ -1,10 +1,10 @@
-"""LoRA serving speed on vLLM's CPU path: vLLM's own torch ops against serve/lora_cpu.py.
+"""LoRA serving speed on vLLM's CPU path: vLLM's own torch ops against serve/engine/lora_cpu.py.
 
 One run, three engines, each in its own process and one at a time (serve.engine.Engine, the
 same settings apart from LoRA):
   base       LoRA off: the model alone (vLLM then also compiles, unless --eager)
   lora-orig  LoRA on, CROSSTASK_FAST_LORA=0: vLLM's CPU punica wrapper and torch ops
-  lora-fast  LoRA on, serve/lora_cpu.py's wrapper (the default)
+  lora-fast  LoRA on, serve/engine/lora_cpu.py's wrapper (the default)
 and on each, the workloads:
   prefill    --prefill-prompts prompts of --prompt-tokens random tokens, max_tokens=1, all
              submitted at once: prompt tokens/s; base requests, then every prompt with one
@@ -105,7 +105,7 @@ async def _run_batch(
     tag: str,
 ) -> tuple[float, int]:
     """Submit every prompt at once; (wall seconds, output tokens)."""
-    from serve.engine import GenerationParams
+    from serve.engine.types import GenerationParams
 
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
@@ -121,7 +121,7 @@ async def _run_batch(
 
 
 async def _workloads(engine: Any, run: EngineRun) -> list[Measure]:
-    from serve.engine import LoraTarget
+    from serve.engine.types import LoraTarget
 
     rng = random.Random(run.seed)
     targets = [LoraTarget(f"bench-{i}", Path(p)) for i, p in enumerate(run.adapters)]
@@ -157,7 +157,8 @@ async def _workloads(engine: Any, run: EngineRun) -> list[Measure]:
 
 
 def child(run: EngineRun, out: Path) -> None:
-    from serve.engine import Engine, EngineConfig
+    from serve.engine.engine import Engine
+    from serve.engine.types import EngineConfig
 
     config = EngineConfig(
         model_dir=Path(run.model_dir),
@@ -257,7 +258,7 @@ def main() -> None:
         child(EngineRun(**json.loads(args.child)), args.child_out)
         return
 
-    from serve.engine import EngineConfig
+    from serve.engine.types import EngineConfig
 
     model_dir = args.model
     if model_dir is None:

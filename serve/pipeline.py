@@ -25,8 +25,8 @@ from retrieval.query import query_text
 from retrieval.retriever import Retriever
 from retrieval.store import Hit
 from routing.service import RoutingError, RoutingRequest, RoutingService
-from serve.engine import (
-    Engine,
+from serve.engine.engine import Engine
+from serve.engine.types import (
     EngineDeadError,
     FusionError,
     FusionTarget,

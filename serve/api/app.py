@@ -27,7 +27,8 @@ from serve.api.limits import LimitsMiddleware
 from serve.api.middleware import MetricsMiddleware
 from serve.api.models.api_router import router as models_router
 from serve.api.state import ServerState, Status
-from serve.engine import Engine, EngineConfig, import_engine_libraries
+from serve.engine.engine import Engine, import_engine_libraries
+from serve.engine.types import EngineConfig
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)

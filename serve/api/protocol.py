@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from serve.api.limits import find_lone_surrogate
-from serve.engine import GenerationParams
+from serve.engine.types import GenerationParams
 from serve.pipeline import Annotation, CrosstaskOptions
 
 # Upper bounds that keep one request from asking for unbounded work; documented in README.

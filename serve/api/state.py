@@ -13,7 +13,8 @@ from serve.api.chat_completion.serving import ChatServing
 from serve.api.completion.serving import CompletionServing
 from serve.api.demonstrations.serving import DemonstrationServing
 from serve.api.limits import RequestGate, engine_slots
-from serve.engine import Engine, EngineConfig
+from serve.engine.engine import Engine
+from serve.engine.types import EngineConfig
 from serve.metrics import Metrics
 from serve.pipeline import Pipeline
 from serve.settings import Settings
@@ -79,7 +80,7 @@ class ServerState:
         self.pipeline = Pipeline(self.settings, engine, self.metrics, retriever, routing)
         self.chat = ChatServing(self.pipeline)
         self.completion = CompletionServing(self.pipeline)
-        self.metrics.track_engine_load(engine.load, lambda: engine.preemptions)
+        self.metrics.track_engine_load(engine.queue_lengths, lambda: engine.preemptions)
         # A drain that began while the engine was starting stays a drain.
         if self.status is Status.STARTING:
             self.status = Status.READY

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serve.engine import LoraTarget
+from serve.engine.types import LoraTarget
 
 if TYPE_CHECKING:
     import torch

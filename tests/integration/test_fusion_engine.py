@@ -19,7 +19,8 @@ import pytest
 
 from routing.fusion.group import FusionLockstepError, lockstep
 from routing.fusion.spec import FusionSpec
-from serve.engine import Engine, EngineConfig, FusionTarget, GenerationParams, LoraTarget
+from serve.engine.engine import Engine
+from serve.engine.types import EngineConfig, FusionTarget, GenerationParams, LoraTarget
 from tests.integration.fusion_reference import FusionReference
 from tests.integration.lora_fixtures import (
     chat_prompt_ids,

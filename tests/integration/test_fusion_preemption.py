@@ -25,14 +25,8 @@ from typing import Any
 
 import pytest
 
-from serve.engine import (
-    Engine,
-    EngineConfig,
-    FusionError,
-    FusionTarget,
-    GenerationParams,
-    LoraTarget,
-)
+from serve.engine.engine import Engine
+from serve.engine.types import EngineConfig, FusionError, FusionTarget, GenerationParams, LoraTarget
 from tests.integration.lora_fixtures import (
     chat_prompt_ids,
     load_reference_model,

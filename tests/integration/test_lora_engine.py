@@ -1,4 +1,4 @@
-"""serve.engine.Engine serves PEFT LoRA adapters through vLLM, with crosstask's fast CPU LoRA
+"""serve.engine.engine.Engine serves PEFT LoRA adapters through vLLM, with crosstask's fast CPU LoRA
 path: greedy output with an adapter equals transformers + PEFT token for token (float32),
 adapters and base requests mixed in one batch each give what they give alone, and adapters
 vLLM cannot load are refused while the engine keeps serving."""
@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from serve.engine import Engine, EngineConfig, GenerationParams, LoraLoadError, LoraTarget
+from serve.engine.engine import Engine
+from serve.engine.types import EngineConfig, GenerationParams, LoraLoadError, LoraTarget
 from tests.integration.lora_fixtures import (
     chat_prompt_ids,
     load_reference_model,
@@ -110,7 +111,7 @@ def _strip_eos(ids: list[int], eos: int) -> list[int]:
 def test_fast_path_runs_in_the_worker(engine_and_log: Any) -> None:
     _, log_path = engine_and_log
     lines = [line for line in Path(log_path).read_text().splitlines() if ACTIVE_LINE in line]
-    assert lines, "the worker did not build serve.lora_cpu.FastPunicaWrapperCPU"
+    assert lines, "the worker did not build serve.engine.lora_cpu.FastPunicaWrapperCPU"
     assert "Worker" in lines[0]
 
 

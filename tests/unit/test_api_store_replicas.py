@@ -170,7 +170,7 @@ def test_a_lone_writer_publishes_nothing(store_dir: Path) -> None:
 
 
 def test_serve_flags_set_the_store_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serve.cli import _SERVE_FIELDS, _settings, build_parser
+    from serve.cli.main import _SERVE_FIELDS, _settings, build_parser
 
     monkeypatch.delenv("CROSSTASK_STORE_READONLY", raising=False)
     monkeypatch.delenv("CROSSTASK_STORE_RELOAD_SECONDS", raising=False)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from serve import cli
+from serve.cli import main as cli
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from routing.service import default_library
-from serve.cli import _SERVE_FIELDS, _adapters_dir, _settings, build_parser
+from serve.cli.main import _SERVE_FIELDS, _adapters_dir, _settings, build_parser
 
 
 def _parsed(monkeypatch: pytest.MonkeyPatch, *argv: str):  # type: ignore[no-untyped-def]

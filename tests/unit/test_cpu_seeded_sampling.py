@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from serve import cpu_seeded_sampling
-from serve.cpu_seeded_sampling import RewindableGenerator
+from serve.engine import seeded_sampling as cpu_seeded_sampling
+from serve.engine.seeded_sampling import RewindableGenerator
 
 
 def _draw(generator: torch.Generator) -> torch.Tensor:

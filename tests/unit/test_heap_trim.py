@@ -1,4 +1,4 @@
-"""serve/heap_trim.py: freed heap pages go back to the OS, on a timer, once per process."""
+"""serve/engine/heap_trim.py: freed heap pages go back to the OS, on a timer, once per process."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serve import heap_trim
+from serve.engine import heap_trim
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # frees 15 in 16, and prints resident MiB at the start, after the frees and after the trim.
 FRAGMENT = """
 import os, sys
-from serve.heap_trim import malloc_trim
+from serve.engine.heap_trim import malloc_trim
 
 def rss_mib():
     with open("/proc/self/statm") as f:

@@ -1,4 +1,4 @@
-"""serve.lora_cpu's fast CPU LoRA ops and punica wrapper give what vLLM's own torch ops and
+"""serve.engine.lora_cpu's fast CPU LoRA ops and punica wrapper give what vLLM's own torch ops and
 CPU wrapper give, on random tensors: several adapters mixed in one batch (adjacent and
 interleaved), tokens without LoRA (-1), several output slices (qkv, gate_up),
 add_inputs on and off, ranks 2/8/16 padded into the stacked max rank."""
@@ -14,7 +14,7 @@ from vllm.lora.layers import LoRAMapping
 from vllm.lora.ops import torch_ops
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from serve import lora_cpu
+from serve.engine import lora_cpu
 
 HIDDEN = 64
 MAX_RANK = 16

@@ -8,7 +8,8 @@ from pathlib import Path
 from routing.registry import Adapter, AdapterError
 from routing.service import RoutingService
 from serve.api.adapters.protocol import AdapterCard
-from serve.engine import Engine, LoraLoadError, LoraTarget
+from serve.engine.engine import Engine
+from serve.engine.types import LoraLoadError, LoraTarget
 from serve.errors import APIError
 from serve.metrics import Metrics
 

@@ -19,7 +19,7 @@ from serve.api.chat_completion.protocol import (
 )
 from serve.api.protocol import CrosstaskAnnotation, UsageInfo
 from serve.api.streaming import SSE_DONE, check_limits, sse, sse_error
-from serve.engine import TokenLogprob
+from serve.engine.types import TokenLogprob
 from serve.errors import APIError, bad_request
 from serve.pipeline import GenerationRequest, Message, Pipeline, PreparedRequest
 

@@ -16,7 +16,7 @@ from serve.api.completion.protocol import (
 )
 from serve.api.protocol import CrosstaskAnnotation, UsageInfo
 from serve.api.streaming import SSE_DONE, check_limits, sse, sse_error
-from serve.engine import OutputDelta, TokenLogprob
+from serve.engine.types import OutputDelta, TokenLogprob
 from serve.errors import APIError, bad_request
 from serve.pipeline import GenerationRequest, Pipeline, PreparedRequest
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from routing.adapter_meta import AdapterMeta, Prototype, write_meta
-from routing.cli import add_adapters_parser, format_table, library_rows, recipe_from_args
 from routing.training import ALL_LINEAR, Recipe, recipe_from_json
-from serve.cli import main
+from serve.cli.adapters import add_adapters_parser, format_table, library_rows, recipe_from_args
+from serve.cli.main import main
 
 BASE = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}
 

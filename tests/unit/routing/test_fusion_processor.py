@@ -11,8 +11,8 @@ import torch
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
 
 from routing.fusion.logits import fuse
-from routing.fusion.processor import FusionLogitsProcessor
 from routing.fusion.spec import FusionSpec
+from serve.engine.fusion_processor import FusionLogitsProcessor
 
 V = 64
 

@@ -1,9 +1,9 @@
-"""Admission of fusion groups (routing/fusion/scheduler.py `held_from`): a group is admitted
+"""Admission of fusion groups (serve/engine/fusion_scheduler.py `held_from`): a group is admitted
 whole or held back with everything behind it."""
 
 from __future__ import annotations
 
-from routing.fusion.scheduler import Queued
+from serve.engine.fusion_scheduler import Queued
 
 
 def plain(tokens: int = 10, lora: int | None = None) -> Queued:
@@ -22,7 +22,7 @@ def held(
     loras: tuple[int, ...] = (),
     max_loras: int | None = 8,
 ) -> int:
-    from routing.fusion.scheduler import held_from
+    from serve.engine.fusion_scheduler import held_from
 
     return held_from(queue, budget, slots, blocks, loras, max_loras)
 

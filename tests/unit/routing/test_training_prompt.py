@@ -21,7 +21,8 @@ from retrieval.prompt import Demonstration
 from retrieval.sources import Example, Task
 from retrieval.store import Hit
 from routing.training import DataConfig, render_ids, training_prompt
-from serve.engine import Engine, GenerationParams
+from serve.engine.engine import Engine
+from serve.engine.types import GenerationParams
 from serve.metrics import Metrics
 from serve.pipeline import CrosstaskOptions, GenerationRequest, Message, Pipeline
 from serve.settings import Settings

@@ -1,5 +1,5 @@
-"""The only module that talks to vLLM: it owns the V1 async engine (continuous batching,
-prefix caching, streaming) and speaks plain dataclasses to the rest of crosstask."""
+"""The engine: vLLM's V1 async engine (continuous batching, prefix caching, streaming)
+behind plain dataclasses (serve/engine/types.py) for the rest of crosstask."""
 
 from __future__ import annotations
 
@@ -9,134 +9,25 @@ import re
 import secrets
 import threading
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from serve.engine.lora_slots import LoraSlots
+from serve.engine.types import (
+    EngineConfig,
+    EngineDeadError,
+    FusionError,
+    FusionTarget,
+    GenerationParams,
+    InvalidParamsError,
+    LoraLoadError,
+    LoraTarget,
+    OutputDelta,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model_dir: Path
-    served_name: str
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    kv_cache_gb: float = 4.0
-    enforce_eager: bool = False
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    # LoRA through vLLM's multi-LoRA support. Every slot is zero-padded to max_lora_rank
-    # (about 1.2 MB per rank per slot for SmolLM2-135M in float32: 8 x 32 -> 0.3 GB), and
-    # vLLM's own CPU ops compute at that padded rank; serve/lora_cpu.py computes at each
-    # adapter's real rank, so the padding costs memory only.
-    enable_lora: bool = False
-    # Distinct adapters in one batch: the router's specialists plus a merge or two mixed at
-    # 64 concurrent requests (the issue's target mixes 8).
-    max_loras: int = 8
-    # Adapters kept loaded in worker memory (LRU); beyond it vLLM reloads from disk. The
-    # default library (6-10 specialists and a generalist) plus cached merges fit.
-    max_cpu_loras: int = 32
-    # One of vLLM's allowed values (8, 16, 32, 64, ...). 32: an exact merge (concatenated
-    # factors) of up to four rank-8 adapters fits without truncation.
-    max_lora_rank: int = 32
-    # Logit fusion (routing/fusion): installs the fusion logits processor and the
-    # group-aware scheduler. Only with LoRA on: a group fuses adapters with the base.
-    enable_fusion: bool = True
-
-    @property
-    def fusion_on(self) -> bool:
-        return self.enable_lora and self.enable_fusion
-
-
-@dataclass(frozen=True)
-class LoraTarget:
-    """A LoRA adapter to generate with: the name clients use and its PEFT folder."""
-
-    name: str
-    path: Path
-
-
-@dataclass
-class FusionTarget:
-    """A fusion group: the adapters whose logits are fused with the base model's, and the
-    weights (None: dynamic weights per step, `prior` weighting the adapters)."""
-
-    adapters: list[LoraTarget]
-    alphas: list[float] | None
-    prior: list[float]
-
-
-def fusion_members(fusion: FusionTarget) -> int:
-    """How many sequences the group decodes: its adapters, and the base when needed."""
-    from routing.fusion.spec import needs_base
-
-    return len(fusion.adapters) + int(needs_base(fusion.alphas))
-
-
-@dataclass
-class GenerationParams:
-    max_tokens: int
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    # None: no logprobs; k >= 0: the sampled token's logprob plus the top k alternatives.
-    logprobs: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-
-
-@dataclass
-class TokenLogprob:
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]
-
-
-@dataclass
-class OutputDelta:
-    """What one choice produced since the previous delta."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None
-
-
-class EngineNotReadyError(RuntimeError):
-    pass
-
-
-class EngineDeadError(RuntimeError):
-    pass
-
-
-class FusionError(RuntimeError):
-    """A fusion group that could not be kept in lockstep (the request fails; a retry may
-    succeed) or cannot be served by this engine."""
-
-
-class InvalidParamsError(ValueError):
-    """Sampling settings the engine refuses."""
-
-
-class LoraLoadError(ValueError):
-    """vLLM would not load an adapter: LoRA off, missing or broken files, a rank above
-    max_lora_rank, modules the base model lacks, or unloaded while being loaded."""
-
-
-@dataclass
-class _LoraEntry:
-    lora_id: int
-    path: Path
-    loaded: bool = False
 
 
 def import_engine_libraries() -> None:
@@ -174,16 +65,7 @@ class Engine:
         self._load_lock = threading.Lock()
         self._load: tuple[int, int] = (0, 0)
         self._preemptions = 0
-        # LoRA names -> vLLM's int ids. Ids are never reused: vLLM caches weights by id, so
-        # a name re-loaded (perhaps from another folder) must not hit the old weights.
-        self._lora_lock = threading.Lock()
-        self._loras: dict[str, _LoraEntry] = {}
-        self._next_lora_id = 1
-        # Requests running per id, and ids unloaded while some still ran: those leave
-        # vLLM when their last request ends (vLLM would otherwise reload them mid-request
-        # from a folder that may be gone, and a failed load inside a step kills the engine).
-        self._lora_running: dict[int, int] = {}
-        self._lora_retired: set[int] = set()
+        self._slots = LoraSlots()
 
     @classmethod
     def start(cls, config: EngineConfig) -> Engine:
@@ -234,7 +116,7 @@ class Engine:
     def errored(self) -> bool:
         return bool(self._llm.errored)
 
-    def load(self) -> tuple[int, int]:
+    def queue_lengths(self) -> tuple[int, int]:
         """(running, waiting) requests. Scheduler stats arrive only with engine steps, so an
         idle engine (nothing unfinished) is reported as idle rather than as its last step."""
         if self._llm.output_processor.get_num_unfinished_requests() == 0:
@@ -262,7 +144,7 @@ class Engine:
 
     def fusion_prompt_limit(self, members: int) -> int:
         """The longest prompt a fusion group of `members` can have: every member prefills
-        it in one step (routing/fusion/scheduler.py), beside one token per running request."""
+        it in one step (serve/engine/fusion_scheduler.py), beside one token per running request."""
         scheduler = self._llm.vllm_config.scheduler_config
         room = int(scheduler.max_num_batched_tokens) - int(scheduler.max_num_seqs)
         return max(0, room // members)
@@ -395,99 +277,52 @@ class Engine:
         """Forget the adapter `name` and drop it from vLLM's caches (at once, or when its
         running requests end). False when no adapter of that name was in use. To serve new
         files under the same name and folder, remove it first: the next request loads anew."""
-        with self._lora_lock:
-            entry = self._loras.pop(name, None)
-            if entry is None:
-                return False
-            if self._lora_running.get(entry.lora_id, 0) > 0:
-                self._lora_retired.add(entry.lora_id)
-                return True
-        if not self.errored:  # a dead engine holds nothing to drop
-            await self._llm.remove_lora(entry.lora_id)
-        return True
+        known, lora_id = self._slots.remove(name)
+        if lora_id is not None and not self.errored:  # a dead engine holds nothing to drop
+            await self._llm.remove_lora(lora_id)
+        return known
 
     def lora_names(self) -> list[str]:
         """The adapters this engine has been asked for and not told to remove."""
-        with self._lora_lock:
-            return sorted(self._loras)
+        return self._slots.names()
 
-    def _lora_request(self, name: str, entry: _LoraEntry) -> Any:
+    async def _ensure_lora(self, target: LoraTarget) -> Any:
         from vllm.lora.request import LoRARequest
 
+        if not self.config.enable_lora:
+            raise LoraLoadError("LoRA adapters are not enabled on this engine")
+        slot, replaced = self._slots.claim(target)
+        loaded = slot.loaded
+        if replaced is not None:
+            await self._llm.remove_lora(replaced)
         # vLLM compares LoRARequests by name (its batches hold sets of them) and keys prefix
         # cache blocks by (name, path): the id in the name keeps a re-loaded adapter, or a
         # retired one still finishing its requests, from being mistaken for the other.
-        return LoRARequest(
-            lora_name=f"{name}#{entry.lora_id}",
-            lora_int_id=entry.lora_id,
-            lora_path=str(entry.path),
+        request = LoRARequest(
+            lora_name=f"{target.name}#{slot.lora_id}",
+            lora_int_id=slot.lora_id,
+            lora_path=str(slot.path),
         )
-
-    def _lora_entry(self, target: LoraTarget) -> tuple[_LoraEntry, int | None]:
-        """The entry for `target` (a new id when the name is new or its folder changed) and
-        the id it replaced, if any. Caller holds the lock."""
-        entry = self._loras.get(target.name)
-        if entry is not None and entry.path == target.path:
-            return entry, None
-        replaced = entry.lora_id if entry is not None else None
-        entry = _LoraEntry(lora_id=self._next_lora_id, path=target.path)
-        self._next_lora_id += 1
-        self._loras[target.name] = entry
-        return entry, replaced
-
-    async def _ensure_lora(self, target: LoraTarget) -> Any:
-        if not self.config.enable_lora:
-            raise LoraLoadError("LoRA adapters are not enabled on this engine")
-        with self._lora_lock:
-            entry, replaced = self._lora_entry(target)
-            loaded = entry.loaded
-            if replaced is not None and self._lora_running.get(replaced, 0) > 0:
-                self._lora_retired.add(replaced)
-                replaced = None
-        if replaced is not None:
-            await self._llm.remove_lora(replaced)
-        request = self._lora_request(target.name, entry)
         if loaded:
             return request
         try:
             # Concurrent first requests may both get here; vLLM loads once, answers both.
             await self._llm.add_lora(request)
         except Exception as exc:
-            with self._lora_lock:
-                if self._loras.get(target.name) is entry:
-                    del self._loras[target.name]
+            self._slots.failed(target.name, slot)
             raise LoraLoadError(
                 f"adapter {target.name!r} could not be loaded: {_worker_error(exc)}"
             ) from exc
-        with self._lora_lock:
-            entry.loaded = True
+        self._slots.loaded(slot)
         return request
 
     async def _acquire_lora(self, target: LoraTarget) -> Any:
         request = await self._ensure_lora(target)
-        with self._lora_lock:
-            # Unloaded while it was being loaded: refuse rather than run a request whose
-            # adapter is on its way out.
-            if self._loras.get(target.name) is None or (
-                self._loras[target.name].lora_id != request.lora_int_id
-            ):
-                raise LoraLoadError(f"adapter {target.name!r} was unloaded")
-            self._lora_running[request.lora_int_id] = (
-                self._lora_running.get(request.lora_int_id, 0) + 1
-            )
+        self._slots.acquire(target.name, request.lora_int_id)
         return request
 
     async def _release_lora(self, lora_id: int) -> None:
-        with self._lora_lock:
-            running = self._lora_running.get(lora_id, 0) - 1
-            if running > 0:
-                self._lora_running[lora_id] = running
-                return
-            self._lora_running.pop(lora_id, None)
-            if lora_id not in self._lora_retired:
-                return
-            self._lora_retired.discard(lora_id)
-        if not self.errored:
+        if self._slots.release(lora_id) and not self.errored:
             await self._llm.remove_lora(lora_id)
 
     def check_params(self, params: GenerationParams) -> None:
@@ -550,9 +385,6 @@ class Engine:
             finish_reason=output.finish_reason,
         )
 
-    async def check_health(self) -> None:
-        await self._llm.check_health()
-
     def shutdown(self) -> None:
         self._llm.shutdown()
 
@@ -567,11 +399,11 @@ def _worker_error(exc: BaseException) -> str:
 
 
 def _fusion_args(config: EngineConfig) -> dict[str, Any]:
-    """The fusion logits processor and scheduler (routing/fusion), when fusion is on."""
+    """The fusion logits processor and scheduler, when fusion is on."""
     if not config.fusion_on:
         return {}
-    from routing.fusion.processor import processor_args
-    from routing.fusion.scheduler import scheduler_args
+    from serve.engine.fusion_processor import processor_args
+    from serve.engine.fusion_scheduler import scheduler_args
 
     return {**processor_args(), **scheduler_args()}
 
@@ -585,10 +417,10 @@ def _lora_args(config: EngineConfig) -> dict[str, Any]:
             f"max_cpu_loras ({config.max_cpu_loras}) must be at least max_loras "
             f"({config.max_loras})"
         )
-    from serve.lora_cpu import ENV_SWITCH, fast_lora_enabled
+    from serve.engine.lora_cpu import ENV_SWITCH, fast_lora_enabled
 
     # The fast path itself is installed in vLLM's worker by the vllm.general_plugins entry
-    # point (serve/lora_cpu.py); this only says which one the worker will use.
+    # point (serve/engine/lora_cpu.py); this only says which one the worker will use.
     log.info(
         "LoRA on: max_loras %d, max_cpu_loras %d, max_lora_rank %d, fast CPU LoRA path %s",
         config.max_loras,

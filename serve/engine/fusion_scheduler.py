@@ -16,7 +16,7 @@ a running prefill can take the budget before the members' decodes. This subclass
   prefill can exhaust the budget, and are the last to be preempted.
 
 Preemption of a single member can still happen under KV-cache pressure; the processor
-detects the break and the request fails cleanly (routing/fusion/processor.py).
+detects the break and the request fails cleanly (serve/engine/fusion_processor.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`crosstask adapters train` and `crosstask adapters list`: `add_adapters_parser` adds the
-`adapters` command to the crosstask CLI (serve/cli.py)."""
+`adapters` command to the crosstask CLI (serve/cli/main.py)."""
 
 from __future__ import annotations
 
@@ -235,7 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress_printer,
         read_recipe,
     )
-    from serve.cli import _configure_logging
+    from serve.cli.main import _configure_logging
     from serve.default_model import prepare_default_model
     from serve.prepare import bigbench_cache, default_store_dir
     from serve.settings import Settings

@@ -9,7 +9,7 @@ every arena and returns each whole free page; run every `CROSSTASK_HEAP_TRIM_SEC
 (default 30, 0 turns it off) it keeps resident memory near what is in use, at the price of
 one page fault when a returned page is used again.
 
-How it gets into the engine's processes: like serve/lora_cpu.py, `register()` is a
+How it gets into the engine's processes: like serve/engine/lora_cpu.py, `register()` is a
 `vllm.general_plugins` entry point, which vLLM runs in the API process, the EngineCore and
 each worker. The interval is read from the environment in each process (set it before the
 engine starts). Without glibc (musl, macOS) there is no `malloc_trim` and nothing runs.

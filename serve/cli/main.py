@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from serve import heap_trim
+from serve.engine import heap_trim
 
 log = logging.getLogger("crosstask")
 
@@ -103,7 +103,7 @@ def _add_serve(sub: Any) -> None:
 
 def _engine_config(settings: Any) -> Any:
     from serve.default_model import prepare_default_model
-    from serve.engine import EngineConfig
+    from serve.engine.types import EngineConfig
     from serve.settings import DEFAULT_MODEL_NAME
 
     if settings.model is None:
@@ -662,7 +662,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         from retrieval.retriever import open_replica
         from serve.api.chat_completion.serving import ChatServing
         from serve.api.completion.serving import CompletionServing
-        from serve.engine import Engine
+        from serve.engine.engine import Engine
         from serve.metrics import Metrics
         from serve.pipeline import Pipeline
 
@@ -717,7 +717,7 @@ def _cmd_batch_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from routing.cli import add_adapters_parser
+    from serve.cli.adapters import add_adapters_parser
     from serve.evaluation import add_eval_parser
 
     parser = argparse.ArgumentParser(

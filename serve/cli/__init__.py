@@ -1,0 +1,1 @@
+"""The `crosstask` command line: one module per command, `main` joins them."""
