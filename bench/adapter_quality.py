@@ -1,7 +1,7 @@
 """Does training work? Each specialist on held-out examples of its own training tasks.
 
 Against a running server that serves the library: for every specialist, the examples
-its recipe held out of each of its tasks (never trained on; `routing.training.split_task`)
+its recipe held out of each of its tasks (never trained on; `routing.training.data.split_task`)
 are answered greedily without demonstrations by the base model, the specialist and the
 generalist, and scored as `crosstask eval` scores (first line, ROUGE-L F1, 0 to 100, macro
 over tasks). Target (issue 4): each specialist at least 10 ROUGE-L above the base on its
@@ -27,15 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.build import usable_examples
 from routing.adapter_meta import read_meta
-from routing.training import RECIPE_FILE, read_recipe, split_task
-from serve.evaluation import (
-    GENERALIST_ADAPTER,
-    api_base,
-    chat_messages,
-    default_task_source,
-    first_line,
-    rouge_l,
-)
+from routing.training.data import split_task
+from routing.training.recipe import RECIPE_FILE, read_recipe
+from serve.evaluation.client import api_base
+from serve.evaluation.items import default_task_source
+from serve.evaluation.modes import GENERALIST_ADAPTER, chat_messages
+from serve.evaluation.scoring import first_line, rouge_l
 
 TARGET_GAIN = 10.0
 RESULTS = Path(__file__).resolve().parent / "results" / "adapter_quality.json"

@@ -9,10 +9,10 @@ unless named otherwise:
 - `peft-baseline`: plain PEFT as a first prototype would write it: batches of 2 in
   random order padded to their longest, `model(labels=...)` (LM head over every token),
   float32.
-- `sorted`: length-sorted batches under a token budget (routing.training.plan_batches).
+- `sorted`: length-sorted batches under a token budget (routing.training.data.plan_batches).
 - `answer-head`: the LM head only where there is a label.
 - `no-mask`: no attention mask for the right-padded batch (causal attention already
-  keeps padding unseen): routing.training.answer_loss.
+  keeps padding unseen): routing.training.loop.answer_loss.
 - `bf16-autocast`: bfloat16 autocast (native on AVX512-BF16 / AMX CPUs).
 - `packed`: instead of padded batches, one row of concatenated examples with restarting
   position ids (transformers builds the block-diagonal mask).
@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,25 +55,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from retrieval.embedder import cpu_has_fast_bf16
 from retrieval.sources import BigBenchSource, default_seen_tasks, ensure_bigbench_sdist
-from routing.training import (
-    AdapterSettings,
-    AdapterSpec,
-    DataConfig,
-    RunOptions,
+from routing.training.data import (
     StoreDemoSource,
-    TrainConfig,
     TrainExample,
-    answer_loss,
     collate,
-    cpu_has_fast_bf16,
-    load_base,
-    lora_model,
+    examples_from_records,
+    examples_to_records,
     plan_batches,
     prepare_task,
-    train_adapter,
 )
-from serve.prepare import bigbench_cache, default_store_dir
+from routing.training.loop import RunOptions, answer_loss, load_base, lora_model, train_adapter
+from routing.training.recipe import AdapterSettings, AdapterSpec, DataConfig, TrainConfig
+from serve.defaults import bigbench_cache, default_store_dir
 from serve.settings import Settings
 
 VARIANTS = (
@@ -300,26 +295,9 @@ def run_production(examples: Sequence[TrainExample], threads: int, seed: int) ->
     )
 
 
-def save_examples(path: Path, examples: Sequence[TrainExample]) -> None:
-    path.write_text(json.dumps([asdict(e) for e in examples]))
-
-
-def load_examples(path: Path) -> list[TrainExample]:
-    return [
-        TrainExample(
-            task=r["task"],
-            index=r["index"],
-            prompt_ids=tuple(r["prompt_ids"]),
-            target_ids=tuple(r["target_ids"]),
-            demo_tasks=tuple(r["demo_tasks"]),
-        )
-        for r in json.loads(path.read_text())
-    ]
-
-
 def run_one(variant: str, threads: int, examples_file: Path, seed: int) -> None:
     """Child process: one variant, its result as one JSON line on stdout."""
-    examples = load_examples(examples_file)
+    examples = examples_from_records(json.loads(examples_file.read_text()))
     if variant == "train_adapter":
         measured = run_production(examples, threads, seed)
     else:
@@ -358,7 +336,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         examples_file = Path(tmp) / "examples.json"
-        save_examples(examples_file, examples)
+        examples_file.write_text(json.dumps(examples_to_records(examples)))
         for threads in thread_counts:
             for variant in variants:
                 load = os.getloadavg()[0]

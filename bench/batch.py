@@ -152,10 +152,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/batch.json"))
     args = parser.parse_args()
 
-    from serve.default_model import prepare_default_model
+    from serve.default_model import ensure_default_model
 
     home = Path(os.environ.get("CROSSTASK_HOME", "~/.cache/crosstask")).expanduser()
-    model_dir = prepare_default_model(home)
+    model_dir = ensure_default_model(home)
     engine = {
         "kv_cache_gb": args.kv_cache_gb,
         "max_num_seqs": args.max_num_seqs,

@@ -8,7 +8,7 @@ as the server, the example's own task excluded), and scores the rule "demonstrat
 the nearest scores >= t" for a grid of t: macro ROUGE-L over tasks, as `crosstask eval`.
 
     .venv/bin/python bench/calibrate_demo_gate.py --predictions P.jsonl \
-        [--tasks ../shared/bigbench/dev_tasks.txt] [--limit 40] [--seed 0] \
+        [--tasks retrieval/data/dev_tasks.txt] [--limit 40] [--seed 0] \
         [--out bench/calibration/demo_gate_dev_tasks.json]
 
 Dev tasks only: every other task is for judging the product.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retrieval.query import query_text
 from retrieval.retriever import open_retriever
-from serve.evaluation import default_task_source, load_items
+from serve.evaluation.items import default_task_source, load_items
 from serve.settings import Settings
 
 GRID = [round(0.3 + 0.05 * i, 2) for i in range(11)]
@@ -57,7 +57,7 @@ def macro(per_example: dict[tuple[str, int], float]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", type=Path, required=True)
-    parser.add_argument("--tasks", type=Path, default=Path("../shared/bigbench/dev_tasks.txt"))
+    parser.add_argument("--tasks", type=Path, default=Path("retrieval/data/dev_tasks.txt"))
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--store", type=Path, default=None)

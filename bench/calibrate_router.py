@@ -17,7 +17,7 @@ chosen one). The chosen values become `RouterConfig`'s defaults by hand, with th
 committed next to them.
 
     python bench/calibrate_router.py --base-url http://127.0.0.1:8000 \\
-        --tasks ../shared/bigbench/dev_tasks.txt --limit 20 \\
+        --tasks retrieval/data/dev_tasks.txt --limit 20 \\
         --out bench/calibration/router_dev_tasks.json
 """
 
@@ -38,16 +38,10 @@ sys.path.insert(0, str(REPO))
 
 from retrieval.sources import read_task_list  # noqa: E402
 from routing.router import RouterConfig, Scored, decide, softmax_weights  # noqa: E402
-from serve.evaluation import (  # noqa: E402
-    GENERALIST_ADAPTER,
-    Item,
-    api_base,
-    chat_messages,
-    default_task_source,
-    first_line,
-    load_items,
-    rouge_l,
-)
+from serve.evaluation.client import api_base  # noqa: E402
+from serve.evaluation.items import Item, default_task_source, load_items  # noqa: E402
+from serve.evaluation.modes import GENERALIST_ADAPTER, chat_messages  # noqa: E402
+from serve.evaluation.scoring import first_line, rouge_l  # noqa: E402
 
 ACTIONS = ("off", "generalist", "top1", "merge2")
 

@@ -151,10 +151,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/fusion_speed.json"))
     args = parser.parse_args()
 
-    from serve.default_model import prepare_default_model
+    from serve.default_model import ensure_default_model
 
     home = Path(os.environ.get("CROSSTASK_HOME", "~/.cache/crosstask")).expanduser()
-    model_dir = prepare_default_model(home)
+    model_dir = ensure_default_model(home)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)

@@ -262,10 +262,10 @@ def main() -> None:
 
     model_dir = args.model
     if model_dir is None:
-        from serve.default_model import prepare_default_model
+        from serve.default_model import ensure_default_model
 
         home = Path(os.environ.get("CROSSTASK_HOME", "~/.cache/crosstask")).expanduser()
-        model_dir = prepare_default_model(home)
+        model_dir = ensure_default_model(home)
     max_lora_rank = args.max_lora_rank or EngineConfig(Path(), "").max_lora_rank
 
     with tempfile.TemporaryDirectory(prefix="lora-speed-") as tmp:

@@ -232,10 +232,10 @@ def main() -> int:
 
     model_dir = args.model_dir
     if model_dir is None:
-        from serve.default_model import prepare_default_model
+        from serve.default_model import ensure_default_model
         from serve.settings import Settings
 
-        model_dir = prepare_default_model(Settings().home_dir)
+        model_dir = ensure_default_model(Settings().home_dir)
 
     log_dir = Path(tempfile.mkdtemp(prefix="serve-overhead-"))
     ports = {"vllm": _free_port(), "crosstask": _free_port()}

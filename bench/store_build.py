@@ -53,7 +53,7 @@ from retrieval.sources import (
 )
 
 TARGET_EXAMPLES_PER_S = 400.0
-DEFAULT_PER_TASK = 60  # serve/prepare.py DEFAULT_PER_TASK: the default store.
+DEFAULT_PER_TASK = 60  # serve/defaults.py DEFAULT_PER_TASK: the default store.
 DEV_PER_TASK = 40  # The quality target samples 40 examples per dev task.
 TOP_K = 4
 BACKENDS = {

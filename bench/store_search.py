@@ -6,7 +6,7 @@ of the hits) with and without an exclusion filter, and the approximate kinds' re
 against exact search. Also times flat search at smaller sizes, which is how
 AUTO_APPROX_MIN_ROWS was chosen.
 
-    python bench/store_search.py                 # 100,000 vectors, as in the README
+    python bench/store_search.py                 # 100,000 vectors, as in docs/retrieval.md
     python bench/store_search.py --n 20000 --queries 200    # a quick look
 
 Prints a summary and writes bench/results/store_search.json.
@@ -31,7 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval import store as store_mod
-from retrieval.store import INDEX_FILE, DemonstrationStore, NewDemo
+from retrieval import store_limits
+from retrieval.store import INDEX_FILE, DemonstrationStore
+from retrieval.store_types import NewDemo
 
 FAMILY = 5
 KINDS = ("flat", "ivf", "hnsw")
@@ -57,8 +59,8 @@ def fill(path: Path, n: int, dim: int, tasks: int, seed: int) -> tuple[np.ndarra
         + 0.9 * unit(rng.standard_normal((n, dim)))
     )
     with DemonstrationStore.open(path, dim, "flat") as store:
-        for start in range(0, n, store_mod.MAX_ADD):
-            stop = min(n, start + store_mod.MAX_ADD)
+        for start in range(0, n, store_limits.MAX_ADD):
+            stop = min(n, start + store_limits.MAX_ADD)
             records = [
                 NewDemo(
                     task=f"task{task_of[i]:03d}",

@@ -21,11 +21,12 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from retrieval import store as store_mod
+from retrieval import store_limits as limits
 from retrieval.durable import replace_dir
 from retrieval.query import QUERY_TEXT_VERSION, query_text
-from retrieval.sources import Example, Task
-from retrieval.store import DemonstrationStore, NewDemo
+from retrieval.sources import Example, Task, TaskSource
+from retrieval.store import DemonstrationStore
+from retrieval.store_types import NewDemo
 
 T = TypeVar("T")
 
@@ -37,12 +38,6 @@ PREFETCH_TASKS = 64
 # Examples embedded and added per round trip. Large enough that length bucketing inside
 # one encode() call finds texts of similar length; small enough for steady progress.
 DEFAULT_CHUNK = 1024
-
-
-class TaskSource(Protocol):
-    def check_names(self, names: Iterable[str]) -> None: ...
-
-    def tasks(self, names: Sequence[str]) -> Iterator[Task]: ...
 
 
 class TextEncoder(Protocol):
@@ -124,8 +119,8 @@ def build_store(
     """
     if per_task is not None and per_task < 1:
         raise ValueError("per_task must be at least 1 (or None for every example)")
-    if not 1 <= chunk <= store_mod.MAX_ADD:
-        raise ValueError(f"chunk must be between 1 and {store_mod.MAX_ADD}")
+    if not 1 <= chunk <= limits.MAX_ADD:
+        raise ValueError(f"chunk must be between 1 and {limits.MAX_ADD}")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
@@ -154,8 +149,9 @@ def build_store(
                 pending.clear()
 
             # Reading (gunzip, JSON, sampling) runs in a thread beside the embedding:
-            # zlib and the embedder release the GIL, so reading, about 6 s of the seen
-            # tasks' build on 2 cores, mostly hides behind embedding.
+            # zlib and the embedder release the GIL, so reading, a small share of the seen
+            # tasks' build, mostly hides behind embedding (docs/retrieval.md, "The
+            # default store").
             sampled = prefetched(
                 (
                     _Sampled(
@@ -277,11 +273,11 @@ def prefetched(items: Iterator[T], depth: int) -> Generator[T, None, None]:
 def _fits(task: Task, ex: Example) -> bool:
     """Within the store's limits, so one odd example cannot fail a whole batch."""
     return (
-        0 < len(task.name) <= store_mod.MAX_TASK_CHARS
-        and len(task.definition) <= store_mod.MAX_DEFINITION_CHARS
+        0 < len(task.name) <= limits.MAX_TASK_CHARS
+        and len(task.definition) <= limits.MAX_DEFINITION_CHARS
         and bool(ex.input.strip())
-        and len(ex.input) <= store_mod.MAX_INPUT_CHARS
+        and len(ex.input) <= limits.MAX_INPUT_CHARS
         and bool(ex.output.strip())
-        and len(ex.output) <= store_mod.MAX_OUTPUT_CHARS
+        and len(ex.output) <= limits.MAX_OUTPUT_CHARS
         and "\x00" not in ex.input + ex.output + task.definition
     )

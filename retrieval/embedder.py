@@ -33,17 +33,14 @@ DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 BACKENDS = ("auto", "torch", "onnx", "openvino")
 DTYPES = ("auto", "float32", "bfloat16")
 QUANTIZE_MODES = ("none", "int8")
-# What `backend="auto"` picks when it can. Measured building the default store (5,889
-# examples, bench/store_build.py): int8 weights used 2.2x fewer CPU-seconds per example
-# than torch in bfloat16 (61 against 28 examples per CPU-second), every stored vector
-# within cosine 0.974 of torch's. float32 ONNX matched torch to 0.9999 but saved only
-# 14% on a CPU with native bfloat16, so it is not worth a default of its own. (Torch
-# figures from before its batches were padded to few shapes (_TOKEN_MULTIPLE), which
-# costs it about 17% when building a store.)
-# But int8 changed the nearest demonstration for a third of the dev-task queries (top-1
-# agreement 0.66, top-4 overlap 0.69), and its effect on answer quality is not measured
-# yet: until `crosstask eval` shows it costs nothing, `auto` keeps torch and int8 stays
-# an opt-in (`--embedder-backend onnx --embedder-quantize int8`).
+# What `backend="auto"` picks when it can. Measured building the default store
+# (bench/store_build.py; figures in docs/retrieval.md, "The embedder"): int8 weights need
+# far fewer CPU-seconds per example than torch in bfloat16; float32 ONNX matches torch
+# but saves little on a CPU with native bfloat16, so it is not worth a default of its own.
+# But int8 changed the nearest demonstration for many dev-task queries, and its effect
+# on answer quality is not measured yet: until `crosstask eval` shows it costs nothing,
+# `auto` keeps torch and int8 stays an opt-in
+# (`--embedder-backend onnx --embedder-quantize int8`).
 AUTO_BACKEND = ("torch", "none")
 # Tokenizing a 10,000-character input only to keep its first 256 tokens wastes time; an
 # English token averages about 4 characters, so 8 per token never cuts what the model
@@ -51,7 +48,7 @@ AUTO_BACKEND = ("torch", "none")
 _CHARS_PER_TOKEN_BOUND = 8
 # torch compiles a oneDNN matmul primitive for every new (rows x tokens) shape it meets and
 # caches it per thread; a server's queries come in ever-new shapes, so under load the API
-# process kept growing (a jemalloc profile put 96% of its growth in those primitives).
+# process kept growing, nearly all of it in those primitives (docs/memory.md).
 # Padding texts to a multiple of 32 tokens and cutting each batch into power-of-two pieces
 # leaves 31 row counts (x 3 weight shapes: 93 primitives, under the cache's 128), reached
 # early and then reused. The padding costs at most 31 tokens a text; the pieces cost no
@@ -91,7 +88,7 @@ def default_num_threads() -> int:
     return max(1, min(cores, 8))
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     """True where oneDNN runs bfloat16 matmuls natively (AVX512-BF16 or AMX)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
@@ -115,8 +112,8 @@ def check_store_metadata(metadata: dict[str, str], embedder: Embedder, where: st
     store's: the same model and the same weights.
 
     torch (float32 or bfloat16) and float32 ONNX count as one family: their vectors agree
-    to a cosine of 0.9999 (bench/store_build.py). int8 weights move vectors by up to 0.02
-    in cosine, enough to reorder near neighbours, so they only match themselves.
+    to rounding. int8 weights move vectors enough to reorder near neighbours, so they only
+    match themselves (bench/store_build.py; docs/retrieval.md, "The embedder").
     """
     recorded = metadata.get("embedder")
     if recorded and recorded != embedder.name:
@@ -138,13 +135,13 @@ class Embedder:
 
     `num_threads`: for torch it sets the intra-op threads of the whole process (torch has
     no per-model setting); for onnx, those of this embedder's session only. None means
-    every usable core. A server whose CPU is shared with vLLM should pass 1: measured on 2
-    cores with vLLM busy, two OpenMP threads that keep losing their core to vLLM ran 10x
-    slower than one thread (see bench/store_build.py).
+    every usable core. A server whose CPU is shared with vLLM should pass 1: OpenMP threads
+    that keep losing their core to vLLM ran far slower than one thread (bench/store_build.py;
+    docs/retrieval.md, "The embedder").
 
-    `backend="auto"` tries ONNX with int8 weights (exported once into `cache_dir`,
-    default `$CROSSTASK_HOME/embedders`) and falls back to torch; `quantize` applies to
-    `backend="onnx"` only.
+    `backend="auto"` takes AUTO_BACKEND; when that names ONNX (exported once into
+    `cache_dir`, default `$CROSSTASK_HOME/embedders`) and the export cannot load, it falls
+    back to torch. `quantize` applies to `backend="onnx"` only.
     """
 
     def __init__(
@@ -236,7 +233,7 @@ class Embedder:
 
         torch.set_num_threads(threads)
         if dtype == "auto":
-            dtype = "bfloat16" if backend == "torch" and _cpu_has_fast_bf16() else "float32"
+            dtype = "bfloat16" if backend == "torch" and cpu_has_fast_bf16() else "float32"
         self.dtype = dtype
         try:
             options: dict[str, Any] = {

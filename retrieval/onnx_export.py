@@ -48,9 +48,9 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 INFO_FILE = "export.json"
 # An export is used only if every probe's cosine with sentence-transformers (torch,
-# float32) is at least this. float32 ONNX measured 0.99999+ (the same arithmetic,
-# reordered); int8 weights (per channel) measured a minimum of 0.978 on the probes and
-# 0.984 on a sample of the seen tasks' texts.
+# float32) is at least this: a little under what each measured (docs/retrieval.md, "The
+# embedder"). float32 ONNX is the same arithmetic, reordered; int8 weights (per channel)
+# move vectors a little, so their bar is lower.
 MIN_PROBE_COSINE = {"none": 0.9999, "int8": 0.97}
 # Files that define what the model computes: their contents key the cache.
 _IDENTITY_FILES = (
@@ -112,7 +112,8 @@ def default_cache_root() -> Path:
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """SHA-256 over the files that define the model's output (about 0.1 s for MiniLM)."""
+    """SHA-256 over the files that define the model's output (cheap for MiniLM:
+    docs/retrieval.md, "The embedder")."""
     digest = hashlib.sha256()
     for name in _IDENTITY_FILES:
         path = model_dir / name
@@ -253,8 +254,8 @@ def export_model(model_dir: Path, out: Path, quantize: str) -> dict[str, Any]:
             str(optimized),
             str(final),
             weight_type=QuantType.QInt8,
-            # Per-tensor scales measured a minimum cosine of 0.87 with float32 on the seen
-            # tasks' texts; one scale per output channel, 0.98.
+            # One scale per output channel: per-tensor scales moved vectors far further
+            # from float32's (docs/retrieval.md, "The embedder").
             per_channel=True,
             # The fused contrib ops defeat shape inference; their outputs are float.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
@@ -341,9 +342,9 @@ class OnnxRunner:
 
         Length bucketing: texts are sorted by token count and cut into batches of at most
         `batch_tokens` padded tokens (and `max_batch` texts), so each batch pads only to
-        its own longest text, and a batch's activations stay in cache: measured on the
-        seen tasks' texts, int8 on one thread ran 67 texts per CPU-second with 512-token
-        batches against 51 with 4,096.
+        its own longest text, and a batch's activations stay in cache: on the seen tasks'
+        texts, small batches ran more texts per CPU-second than large ones
+        (docs/retrieval.md, "The embedder").
         """
         ids = self.token_ids(texts)
         out = np.empty((len(ids), self.dim), dtype=np.float32)

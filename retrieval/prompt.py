@@ -1,7 +1,7 @@
 """Prompt assembly: the request's task definition and input, preceded by retrieved
 demonstrations from other tasks, each shown with its own task's definition.
 
-Two formats, chosen by measurement on the dev tasks (see README, "Prompt format"):
+Two formats, chosen by measurement on the dev tasks (docs/retrieval.md):
 - `plain`: one text of "Definition / Input / Output" blocks, completed after "Output:";
 - `chat`: the chat template, each demonstration a user turn (its definition and input)
   answered by an assistant turn (its output), then the request's own messages.
@@ -70,8 +70,8 @@ def chat_turns(
 ) -> list[Turn]:
     """The request's turns with the demonstrations inserted as earlier exchanges, after
     any system turn and before the rest. A single instruction is then asked in the
-    demonstrations' own "Definition / Input" shape: on the dev tasks (10 examples each)
-    that lifted ROUGE-L from 19.0 to 22.9 over leaving the user's turn as sent."""
+    demonstrations' own "Definition / Input" shape: on the dev tasks that scored better
+    than leaving the user's turn as sent (docs/retrieval.md, "Prompt format, measured")."""
     ordered = list(reversed(demos))
     head = [t for t in turns[:1] if t.role in ("system", "developer")]
     rest = list(turns[len(head) :])

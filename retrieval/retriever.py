@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +35,9 @@ from retrieval.snapshots import (
     resolve,
     snapshot_metadata,
 )
-from retrieval.store import DB_FILE, DemonstrationStore, Hit, StoreError
+from retrieval.store import DB_FILE, DemonstrationStore
+from retrieval.store_db import read_metadata
+from retrieval.store_types import Hit, StoreError
 
 
 @dataclass
@@ -223,7 +224,7 @@ def load_embedder(
     if quantize is None:
         quantize = recorded_quantize if backend == recorded_backend else "none"
     # One thread: the server's CPU belongs to vLLM; more threads that keep losing their
-    # core to it ran slower than one (see bench/store_build.py).
+    # core to it ran slower than one (docs/retrieval.md, "The embedder").
     return Embedder(embedder_dir, num_threads=1, backend=backend, quantize=quantize)
 
 
@@ -251,16 +252,5 @@ def open_store(
 
 
 def recorded_metadata(store_dir: Path) -> dict[str, str]:
-    """The store's metadata, read before its embedder exists (opening the store needs the
-    embedder's width); empty if there is no store there yet."""
-    db = Path(store_dir) / DB_FILE
-    if not db.is_file():
-        return {}
-    try:
-        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            return dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return {}  # DemonstrationStore.open reports a damaged database properly.
+    """A live store's metadata; empty if there is no store there yet."""
+    return read_metadata(Path(store_dir) / DB_FILE)

@@ -25,14 +25,15 @@ import logging
 import re
 import secrets
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from retrieval.durable import fsync_dir, replace_dir, write_atomic
-from retrieval.store import DB_FILE, DemonstrationStore, StoreError
+from retrieval.store import DB_FILE, DemonstrationStore
+from retrieval.store_db import read_metadata
+from retrieval.store_types import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +85,7 @@ def resolve(root: Path) -> tuple[Path, str | None]:
 
 def snapshot_metadata(folder: Path) -> dict[str, str]:
     """A snapshot's store metadata (store_uid, generation, ...); empty if unreadable."""
-    db = Path(folder) / DB_FILE
-    if not db.is_file():
-        return {}
-    try:
-        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
-        try:
-            return dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return {}
+    return read_metadata(Path(folder) / DB_FILE, immutable=True)
 
 
 def _new_id(generation: int) -> str:

@@ -22,19 +22,25 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from retrieval.durable import fsync_dir
 
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_SDIST_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
-# Pinned so a truncated or tampered download is never renamed into the cache.
+# Pinned so a truncated or tampered download is never renamed into the cache. pip checks it
+# too (hash-checking mode), before it unpacks the sdist: `pip download` prepares an sdist's
+# metadata, which runs its setup.py, so only the known file may get that far.
 BIGBENCH_SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 # pip >= 26 refuses to download this sdist at all: preparing its metadata reveals a
 # direct-URL dependency (bleurt @ file://...), which pip now rejects for anything served
-# from PyPI even with --no-deps. pip 25.2 only ever saves the file, so with a newer pip we
-# fetch that pip wheel and run it as a zipapp (a documented way to run pip).
+# from PyPI even with --no-deps. pip 25.2 prepares the metadata too but lets that pass, so
+# with a newer pip we fetch that pip wheel and run it as a zipapp (a documented way to run
+# pip).
 _LEGACY_PIP = "pip==25.2"
+# The sha256 of pip-25.2-py3-none-any.whl on PyPI: the wheel is run, so it is pinned like
+# the sdist, checked by pip as it downloads and again here before it runs.
+_LEGACY_PIP_WHEEL_SHA256 = "6d67a2b4e7f14d8b31b8b52648866fa717f45a1eb70e83002f4331d07e953717"
 _INDEX_FORMAT = 1
 
 _TASKS_DIR = ("bigbench", "benchmark_tasks")
@@ -73,6 +79,16 @@ class Task:
     examples: list[Example]
 
 
+class TaskSource(Protocol):
+    """Where tasks come from: `BigBenchSource`, or a small fake in unit tests."""
+
+    def check_names(self, names: Iterable[str]) -> None:
+        """Raise UnknownTaskError for any name the source does not hold."""
+        ...
+
+    def tasks(self, names: Sequence[str]) -> Iterator[Task]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Member:
     """Where a task.json's bytes start in the decompressed tar stream, and how many."""
@@ -105,7 +121,10 @@ def ensure_bigbench_sdist(cache_dir: Path) -> Path:
                 "--no-deps",
                 "--no-binary",
                 ":all:",
-                f"bigbench=={BIGBENCH_VERSION}",
+                # Build with this environment's setuptools: an isolated build would first
+                # install build dependencies from the index, which no hash covers.
+                "--no-build-isolation",
+                *_hash_pinned(work, f"bigbench=={BIGBENCH_VERSION}", BIGBENCH_SDIST_SHA256),
                 "-d",
                 str(dest),
             ]
@@ -143,15 +162,31 @@ def _pip_command(work: Path) -> list[str]:
             "--no-deps",
             "--only-binary",
             ":all:",
-            _LEGACY_PIP,
+            *_hash_pinned(work, _LEGACY_PIP, _LEGACY_PIP_WHEEL_SHA256),
             "-d",
             str(wheel_dir),
         ]
     )
     wheels = sorted(wheel_dir.glob("pip-*.whl"))
-    if not wheels:
+    if len(wheels) != 1:
         raise SourceError(f"could not obtain {_LEGACY_PIP} to download the BIG-bench sdist")
+    # pip checked the hash as it downloaded; check the file that will run, whoever wrote it.
+    digest = _sha256(wheels[0])
+    if digest != _LEGACY_PIP_WHEEL_SHA256:
+        raise SourceError(
+            f"{wheels[0].name}: sha256 {digest} != expected {_LEGACY_PIP_WHEEL_SHA256}"
+        )
     return [sys.executable, str(wheels[0] / "pip")]
+
+
+def _hash_pinned(work: Path, requirement: str, sha256: str) -> list[str]:
+    """pip arguments that download `requirement` in hash-checking mode: pip refuses any
+    file whose sha256 differs before it unpacks or builds it. A pin can only be given in a
+    requirements file, so one is written into `work`."""
+    name = requirement.partition("==")[0]
+    path = work / f"{name}-requirements.txt"
+    path.write_text(f"{requirement} --hash=sha256:{sha256}\n", encoding="utf-8")
+    return ["--require-hashes", "-r", str(path)]
 
 
 def _run_pip(argv: list[str]) -> None:

@@ -12,6 +12,10 @@ Layout of a store folder:
 Concurrency: any number of threads may search while one thread writes. Writes are
 serialized by a mutex; the database commit happens first (durable), then the in-memory
 index is updated under the write side of a readers-writer lock.
+
+Beside this module: store_types.py (records, ids, errors), store_limits.py (input limits
+and validation), store_db.py (SQLite), store_index.py (FAISS and the index file),
+store_tasks.py (the in-memory task of every seq, for search filters).
 """
 
 from __future__ import annotations
@@ -22,15 +26,14 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
-from retrieval.durable import fsync_tree, write_atomic
+from retrieval.durable import fsync_tree
 from retrieval.rwlock import RWLock
-from retrieval.store_db import DatabaseError, NewRow, StoreDB
+from retrieval.store_db import DatabaseError, StoreDB
 from retrieval.store_index import (
     FLAT,
     INDEX_KINDS,
@@ -38,28 +41,33 @@ from retrieval.store_index import (
     IndexFileError,
     IndexHeader,
     VectorIndex,
-    write_index_file,
+    write_index,
+)
+from retrieval.store_limits import (
+    validate_ids,
+    validate_query,
+    validate_records,
+    validate_search,
+    validate_task_names,
+    validate_vectors,
+)
+from retrieval.store_tasks import TaskMap
+from retrieval.store_types import (
+    Demo,
+    Hit,
+    NewDemo,
+    StoreError,
+    ValidationError,
+    demo_id,
 )
 
 log = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------- limits
-# Enforced before anything is written; exceeding one raises ValidationError.
-MAX_ADD = 10_000  # demonstrations in one add()
-MAX_K = 100  # hits one search may ask for
-MAX_EXCLUDE_TASKS = 1_000  # task names in one search's exclusion list
-MAX_DELETE = 100_000  # ids in one delete_ids()
-MAX_TASK_CHARS = 200
-MAX_DEFINITION_CHARS = 16_000  # longest BIG-bench definition: 3,252
-MAX_INPUT_CHARS = 32_000  # longest BIG-bench input among the default tasks: 9,791
-MAX_OUTPUT_CHARS = 16_000
-MAX_SOURCE_CHARS = 64
-
 # Below this many demonstrations "auto" uses exact flat search; from it on, IVF.
-# Measured with bench/store_search.py on the 2-core reference machine (384-d, one
-# search thread, vLLM busy on the same cores): flat p50 was 0.54 ms at 10,000 vectors
-# (they fit in cache) but 3.2 ms at 25,000, past the 2 ms budget; IVF stays near 0.6 ms
-# at 100,000. Exact search is kept while it is cheap, since it needs no training.
+# Measured with bench/store_search.py on the 2-core reference machine (docs/retrieval.md,
+# "The index"): flat search is well inside the 2 ms budget while the vectors fit in
+# cache and past it soon after this size; IVF stays under it far beyond. Exact search is
+# kept while it is cheap, since it needs no training.
 AUTO_APPROX_MIN_ROWS = 20_000
 AUTO_APPROX_KIND = IVF
 # HNSW cannot delete in place; deleted entries are masked. Rebuild once they are this
@@ -67,55 +75,15 @@ AUTO_APPROX_KIND = IVF
 REBUILD_DEAD_FRACTION = 0.2
 REBUILD_MIN_DEAD = 1_000
 # Persist the index after this many changed rows (or this share of the store) rather
-# than on every add: rewriting 150 MB per API call would dominate writes, and the
-# database already made them durable. close() always persists.
+# than on every add: the file is rewritten whole (docs/retrieval.md, "The default
+# store"), which per API call would dominate writes, and the database already made them
+# durable. close() always persists.
 PERSIST_MIN_CHANGES = 20_000
 PERSIST_FRACTION = 0.25
-# Vectors must be unit length (inner product = cosine); allow float32 rounding.
-_NORM_TOLERANCE = 1e-3
 
 DB_FILE = "demos.sqlite3"
 INDEX_FILE = "index.faiss"
 LOCK_FILE = "LOCK"
-_ID_PREFIX = "d"
-
-
-class StoreError(RuntimeError):
-    """The store cannot do what was asked (read-only, locked, closed, incompatible)."""
-
-
-class ValidationError(StoreError, ValueError):
-    """Bad input; raised before anything is written."""
-
-
-@dataclass(frozen=True, slots=True)
-class NewDemo:
-    task: str
-    input: str
-    output: str
-    definition: str = ""
-    source: str = "api"
-
-
-@dataclass(frozen=True, slots=True)
-class Demo:
-    id: str
-    task: str
-    definition: str
-    input: str
-    output: str
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    id: str
-    task: str
-    definition: str
-    input: str
-    output: str
-    score: float
-    source: str
 
 
 class DemonstrationStore:
@@ -140,16 +108,8 @@ class DemonstrationStore:
         self._writer = threading.Lock()
         self._closed = False
         self._store_uid = db.metadata()["store_uid"]
-        # seq -> task_no (-1: no such row). Grown by doubling; only the writer mutates.
-        self._task_of_seq = np.full(1024, -1, dtype=np.int64)
-        self._max_seq = 0
-        self._task_names: dict[int, str] = {}
-        self._task_nos: dict[str, int] = {}
-        self._task_counts: dict[int, int] = {}
-        self._alive = 0
+        self._tasks = TaskMap()  # Mutated only by the writer, under the write side.
         self._unpersisted = 0
-        self._masks: dict[frozenset[int], tuple[np.ndarray, int]] = {}
-        self._masks_lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -247,8 +207,8 @@ class DemonstrationStore:
             pinned.close()
         payload = index.payload()
         del index  # Its memory goes before the file is written.
-        if payload is not None:  # Else an untrained IVF index: opening builds it.
-            write_atomic(folder / INDEX_FILE, lambda fh: write_index_file(fh, header, payload))
+        # No payload (an untrained IVF index): no file, and opening the copy builds it.
+        write_index(folder / INDEX_FILE, header, payload)
         fsync_tree(folder)
         return pinned.generation
 
@@ -265,8 +225,8 @@ class DemonstrationStore:
         All or nothing: every record is validated first, then all are committed in one
         durable transaction. Returns their ids, in order, once committed.
         """
-        rows = _validate_records(records)
-        vecs = _validate_vectors(vectors, len(rows), self.dim)
+        rows = validate_records(records)
+        vecs = validate_vectors(vectors, len(rows), self.dim)
         if not rows:
             return []
         with self._writer:
@@ -275,13 +235,10 @@ class DemonstrationStore:
                 seqs, task_nos = self._db.insert(rows, vecs)
             except Exception as exc:
                 raise StoreError(f"could not add demonstrations: {exc}") from exc
-            names = {row.task: no for row, no in zip(rows, task_nos, strict=True)}
+            names = {no: row.task for row, no in zip(rows, task_nos, strict=True)}
             seq_arr = np.asarray(seqs, dtype=np.int64)
             with self._rw.write():
-                for name, no in names.items():
-                    self._task_names[no] = name
-                    self._task_nos[name] = no
-                self._track(seq_arr, np.asarray(task_nos, dtype=np.int64))
+                self._tasks.add(seq_arr, np.asarray(task_nos, dtype=np.int64), names)
                 try:
                     self._index.add(seq_arr, vecs)
                 except Exception:
@@ -291,14 +248,11 @@ class DemonstrationStore:
             self._unpersisted += len(seqs)
             self._after_write()
         self._notify()
-        return [_ID_PREFIX + str(s) for s in seqs]
+        return [demo_id(s) for s in seqs]
 
     def delete_ids(self, ids: Iterable[str]) -> int:
         """Delete by id; unknown ids are ignored. Returns how many were deleted."""
-        id_list = list(ids)
-        if len(id_list) > MAX_DELETE:
-            raise ValidationError(f"at most {MAX_DELETE} ids per delete, got {len(id_list)}")
-        seqs = [s for s in map(_parse_id, id_list) if s is not None]
+        seqs = validate_ids(ids, "delete")
         return self._delete(lambda: self._db.delete_seqs(seqs)) if seqs else 0
 
     def delete_task(self, task: str) -> int:
@@ -315,7 +269,7 @@ class DemonstrationStore:
                     deleted = np.asarray(run(), dtype=np.int64)
                 except DatabaseError as exc:
                     raise StoreError(str(exc)) from exc
-                self._untrack(deleted)
+                self._tasks.remove(deleted)
                 self._index.remove(deleted)
             self._unpersisted += len(deleted)
             self._after_write()
@@ -343,25 +297,22 @@ class DemonstrationStore:
         Excluded tasks are filtered inside FAISS, so k hits come back whenever k allowed
         demonstrations exist; `min_score` can leave fewer.
         """
-        query = _validate_query(vector, self.dim)
-        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_K:
-            raise ValidationError(f"k must be an integer from 0 to {MAX_K}, got {k!r}")
-        if not isinstance(min_score, (int, float)) or not -1.0 <= min_score <= 1.0:
-            raise ValidationError(f"min_score must be within [-1, 1], got {min_score!r}")
-        excluded = _validate_task_names(exclude_tasks)
+        query = validate_query(vector, self.dim)
+        validate_search(k, min_score)
+        excluded = validate_task_names(exclude_tasks)
         if k == 0:
             return []
         with self._rw.read():
             self._check_open()
-            excluded_nos = frozenset(self._task_nos[t] for t in excluded if t in self._task_nos)
-            allowed, n_allowed = self._allowed(excluded_nos)
+            excluded_nos = self._tasks.numbers(excluded)
+            allowed, n_allowed = self._tasks.allowed(excluded_nos, self._index.ntotal)
             scores, seqs = self._index.search(query, k, allowed, n_allowed)
             keep = scores >= min_score
             scores, seqs = scores[keep], seqs[keep]
             rows = self._db.fetch([int(s) for s in seqs]) if len(seqs) else {}
         return [
             Hit(
-                id=_ID_PREFIX + str(int(seq)),
+                id=demo_id(int(seq)),
                 task=row.task,
                 definition=row.definition,
                 input=row.input,
@@ -376,16 +327,13 @@ class DemonstrationStore:
     def get(self, ids: Iterable[str]) -> list[Demo]:
         """The stored demonstrations with these ids, in the order asked; unknown ids are
         left out."""
-        id_list = list(ids)
-        if len(id_list) > MAX_DELETE:
-            raise ValidationError(f"at most {MAX_DELETE} ids per get, got {len(id_list)}")
-        seqs = [s for s in map(_parse_id, id_list) if s is not None]
+        seqs = validate_ids(ids, "get")
         with self._rw.read():
             self._check_open()
             rows = self._db.fetch(seqs) if seqs else {}
         return [
             Demo(
-                id=_ID_PREFIX + str(seq),
+                id=demo_id(seq),
                 task=row.task,
                 definition=row.definition,
                 input=row.input,
@@ -397,7 +345,7 @@ class DemonstrationStore:
         ]
 
     def count(self) -> int:
-        return self._alive
+        return self._tasks.alive
 
     def tasks(self) -> list[str]:
         """Names of the tasks that have at least one demonstration, sorted."""
@@ -405,7 +353,7 @@ class DemonstrationStore:
 
     def task_counts(self) -> dict[str, int]:
         with self._rw.read():
-            return {self._task_names[no]: n for no, n in self._task_counts.items() if n > 0}
+            return self._tasks.counts()
 
     @property
     def index_kind(self) -> str:
@@ -442,10 +390,7 @@ class DemonstrationStore:
         """Bring the index in line with the database: load the file, then catch up on
         rows added or deleted since it was written; rebuild if it cannot be used."""
         seqs, task_nos = self._db.alive()
-        self._task_names = self._db.task_names()
-        self._task_nos = {name: no for no, name in self._task_names.items()}
-        self._track(seqs, task_nos)
-        self._max_seq = int(seqs.max()) if len(seqs) else 0
+        self._tasks.add(seqs, task_nos, self._db.task_names())
         kind = self._resolve_kind(len(seqs))
         index, reason = self._load_index_file(kind)
         changed = 0
@@ -491,11 +436,12 @@ class DemonstrationStore:
         persist it when enough has changed."""
         if self.read_only:
             return  # A reader serves the index as its writer left it, and persists nothing.
-        want = self._resolve_kind(self._alive)
-        dead = self._index.ntotal - self._alive
+        alive = self._tasks.alive
+        want = self._resolve_kind(alive)
+        dead = self._index.ntotal - alive
         grow = self._index.kind == FLAT and want != FLAT
         compact = dead >= max(REBUILD_MIN_DEAD, REBUILD_DEAD_FRACTION * self._index.ntotal)
-        retrain = self._index.needs_retrain(self._alive)
+        retrain = self._index.needs_retrain(alive)
         if grow or compact or retrain:
             # Built beside the live index; searches go on meanwhile.
             fresh = self._build_from_db(want if grow else self._index.kind)
@@ -505,7 +451,7 @@ class DemonstrationStore:
         if not self._unpersisted:
             return
         threshold = persist_threshold or max(
-            PERSIST_MIN_CHANGES, math.ceil(PERSIST_FRACTION * self._alive)
+            PERSIST_MIN_CHANGES, math.ceil(PERSIST_FRACTION * alive)
         )
         if self._unpersisted >= threshold:
             self._persist()
@@ -523,60 +469,8 @@ class DemonstrationStore:
             store_uid=self._store_uid,
             generation=generation,
             ntotal=self._index.ntotal,
-            max_seq=self._max_seq,
+            max_seq=self._tasks.max_seq,
         )
-
-    def _track(self, seqs: np.ndarray, task_nos: np.ndarray) -> None:
-        """Record new rows in the in-memory task map (caller holds the write side)."""
-        if not len(seqs):
-            return
-        top = int(seqs.max())
-        if top >= len(self._task_of_seq):
-            grown = np.full(max(top + 1, 2 * len(self._task_of_seq)), -1, dtype=np.int64)
-            grown[: len(self._task_of_seq)] = self._task_of_seq
-            self._task_of_seq = grown
-        self._task_of_seq[seqs] = task_nos
-        self._max_seq = max(self._max_seq, top)
-        for no, n in zip(*np.unique(task_nos, return_counts=True), strict=True):
-            self._task_counts[int(no)] = self._task_counts.get(int(no), 0) + int(n)
-        self._alive += len(seqs)
-        self._masks.clear()
-
-    def _untrack(self, seqs: np.ndarray) -> None:
-        if not len(seqs):
-            return
-        task_nos = self._task_of_seq[seqs]
-        self._task_of_seq[seqs] = -1
-        for no, n in zip(*np.unique(task_nos, return_counts=True), strict=True):
-            self._task_counts[int(no)] -= int(n)
-        self._alive -= len(seqs)
-        self._masks.clear()
-
-    def _allowed(self, excluded: frozenset[int]) -> tuple[np.ndarray | None, int]:
-        """Boolean mask over seq space of what a search may return, and its count.
-
-        None when nothing needs filtering (no exclusions, no dead HNSW entries): FAISS
-        then runs without a selector. Masks are cached per exclusion set until the next
-        write, since clients such as the evaluator repeat the same exclusions.
-        """
-        if not excluded and self._index.ntotal == self._alive:
-            return None, self._alive
-        with self._masks_lock:
-            cached = self._masks.get(excluded)
-        if cached is not None:
-            return cached
-        # Lookup table over task numbers, shifted by one so that -1 (no row) is denied.
-        size = max(self._task_names, default=0) + 2
-        lut = np.ones(size, dtype=bool)
-        lut[0] = False
-        lut[np.fromiter(excluded, dtype=np.int64, count=len(excluded)) + 1] = False
-        mask = lut[self._task_of_seq[: self._max_seq + 1] + 1]
-        n_allowed = self._alive - sum(self._task_counts.get(no, 0) for no in excluded)
-        with self._masks_lock:
-            if len(self._masks) >= 16:
-                self._masks.clear()
-            self._masks[excluded] = (mask, n_allowed)
-        return mask, n_allowed
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -596,86 +490,3 @@ def _take_lock(path: Path) -> IO[bytes]:
     fh.write(f"{os.getpid()}\n".encode())
     fh.flush()
     return fh
-
-
-def _parse_id(value: object) -> int | None:
-    if isinstance(value, str) and value.startswith(_ID_PREFIX) and value[1:].isdigit():
-        return int(value[1:])
-    return None
-
-
-def _check_text(value: object, what: str, limit: int, *, required: bool) -> str:
-    if not isinstance(value, str):
-        raise ValidationError(f"{what} must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise ValidationError(f"{what} is empty")
-    if len(value) > limit:
-        raise ValidationError(f"{what} is {len(value)} characters; the limit is {limit}")
-    if "\x00" in value:
-        raise ValidationError(f"{what} contains a NUL character")
-    return value
-
-
-def _validate_records(records: Sequence[NewDemo]) -> list[NewRow]:
-    if len(records) > MAX_ADD:
-        raise ValidationError(f"at most {MAX_ADD} demonstrations per add, got {len(records)}")
-    rows = []
-    for i, r in enumerate(records):
-        if not isinstance(r, NewDemo):
-            raise ValidationError(f"records[{i}] is not a NewDemo")
-        rows.append(
-            NewRow(
-                task=_check_text(r.task, f"records[{i}].task", MAX_TASK_CHARS, required=True),
-                definition=_check_text(
-                    r.definition, f"records[{i}].definition", MAX_DEFINITION_CHARS, required=False
-                ),
-                input=_check_text(r.input, f"records[{i}].input", MAX_INPUT_CHARS, required=True),
-                output=_check_text(
-                    r.output, f"records[{i}].output", MAX_OUTPUT_CHARS, required=True
-                ),
-                source=_check_text(
-                    r.source, f"records[{i}].source", MAX_SOURCE_CHARS, required=True
-                ),
-            )
-        )
-    return rows
-
-
-def _validate_vectors(vectors: np.ndarray, n: int, dim: int) -> np.ndarray:
-    arr = np.asarray(vectors, dtype=np.float32)
-    if arr.shape != (n, dim) and not (n == 0 and arr.size == 0):
-        raise ValidationError(f"vectors must have shape ({n}, {dim}), got {arr.shape}")
-    if n == 0:
-        return np.empty((0, dim), dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise ValidationError("vectors contain NaN or infinity")
-    norms = np.linalg.norm(arr, axis=1)
-    bad = np.flatnonzero(np.abs(norms - 1.0) > _NORM_TOLERANCE)
-    if len(bad):
-        raise ValidationError(
-            f"vectors must be L2-normalized; row {int(bad[0])} has norm {norms[bad[0]]:.4f}"
-        )
-    return np.ascontiguousarray(arr / norms[:, None])
-
-
-def _validate_query(vector: np.ndarray, dim: int) -> np.ndarray:
-    arr = np.asarray(vector, dtype=np.float32)
-    if arr.shape not in ((dim,), (1, dim)):
-        raise ValidationError(f"query vector must have shape ({dim},), got {arr.shape}")
-    arr = arr.reshape(dim)
-    norm = float(np.linalg.norm(arr))
-    if not math.isfinite(norm) or norm == 0.0:
-        raise ValidationError("query vector is zero or not finite")
-    return arr / norm
-
-
-def _validate_task_names(names: Iterable[str]) -> list[str]:
-    if isinstance(names, str):
-        raise ValidationError("exclude_tasks must be a list of task names, not one string")
-    out = list(names)
-    if len(out) > MAX_EXCLUDE_TASKS:
-        raise ValidationError(f"at most {MAX_EXCLUDE_TASKS} excluded tasks, got {len(out)}")
-    for name in out:
-        if not isinstance(name, str):
-            raise ValidationError("exclude_tasks must hold strings")
-    return out

@@ -132,12 +132,25 @@ class StoreDB:
             query = "?mode=ro&immutable=1" if self.immutable else "?mode=ro"
         return f"{self.path.resolve().as_uri()}{query}"
 
-    def _connect(self, *, read_only: bool) -> sqlite3.Connection:
-        uri = self._uri(read_only=read_only)
+    def _open(self, *, read_only: bool) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one
         # transaction and nothing is committed behind our back.
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=10000")
+        conn = sqlite3.connect(
+            self._uri(read_only=read_only),
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute("PRAGMA busy_timeout=10000")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect(self, *, read_only: bool) -> sqlite3.Connection:
+        """A connection of the store's own, closed by close()."""
+        conn = self._open(read_only=read_only)
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         self._all.append(conn)
@@ -155,16 +168,17 @@ class StoreDB:
             self._readers.put(conn)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, bump_generation: bool = True) -> Iterator[sqlite3.Connection]:
         if self._writer is None:
             raise DatabaseError("the store was opened read-only")
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
-            conn.execute(
-                "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
-            )
+            if bump_generation:
+                conn.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
+                )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -174,18 +188,15 @@ class StoreDB:
         """A read transaction on a connection of its own, begun now: what it reads (and
         copies) stays as of this moment while writers go on (WAL readers never block
         writers). Close it soon: WAL checkpoints cannot pass it."""
-        conn = sqlite3.connect(
-            self._uri(read_only=True), uri=True, isolation_level=None, check_same_thread=False
-        )
+        conn = self._open(read_only=True)
         try:
-            conn.execute("PRAGMA busy_timeout=10000")
             conn.execute("BEGIN")
             # The transaction takes its snapshot at its first read.
-            row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+            generation = _generation(conn)
         except BaseException:
             conn.close()
             raise
-        return PinnedRead(conn, int(row[0]))
+        return PinnedRead(conn, generation)
 
     def close(self) -> None:
         for conn in self._all:
@@ -195,24 +206,18 @@ class StoreDB:
     # -- metadata
 
     def _init_meta(self) -> None:
-        assert self._writer is not None
-        conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            defaults = {
-                "schema_version": str(SCHEMA_VERSION),
-                "dim": str(self.dim),
-                "store_uid": uuid.uuid4().hex,
-                "generation": "0",
-                "created_at": repr(time.time()),
-            }
+        defaults = {
+            "schema_version": str(SCHEMA_VERSION),
+            "dim": str(self.dim),
+            "store_uid": uuid.uuid4().hex,
+            "generation": "0",
+            "created_at": repr(time.time()),
+        }
+        # Not a write of the store's: reopening an existing store leaves its generation.
+        with self._transaction(bump_generation=False) as conn:
             conn.executemany(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", defaults.items()
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def _check_meta(self) -> None:
         meta = self.metadata()
@@ -241,14 +246,12 @@ class StoreDB:
     def generation(self) -> int:
         """Bumped by every committed write; the index file records the one it reflects."""
         with self._reader() as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-        return int(row[0])
+            return _generation(conn)
 
     def last_seq(self) -> int:
         """The highest seq ever assigned (deleted ones included)."""
         with self._reader() as conn:
-            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'demos'").fetchone()
-        return int(row[0]) if row else 0
+            return _last_seq(conn)
 
     # -- writes
 
@@ -263,8 +266,7 @@ class StoreDB:
             )
             # Inside BEGIN IMMEDIATE nobody else writes, so the next seqs are known before
             # the insert; AUTOINCREMENT keeps them above every seq ever used.
-            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'demos'").fetchone()
-            start = (int(row[0]) if row else 0) + 1
+            start = _last_seq(conn) + 1
             seqs = list(range(start, start + len(rows)))
             conn.executemany(
                 "INSERT INTO demos(seq, task_no, def_no, input, output, source, created_at, "
@@ -365,6 +367,34 @@ class StoreDB:
         return out
 
 
+def _generation(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+    return int(row[0])
+
+
+def _last_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'demos'").fetchone()
+    return int(row[0]) if row else 0
+
+
 def _chunks(items: list[T], size: int = _CHUNK) -> Iterator[list[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def read_metadata(db: Path, *, immutable: bool = False) -> dict[str, str]:
+    """The `meta` table of the database at `db` (store_uid, generation, the embedder...),
+    read before a store is opened (opening one needs the embedder's width); empty when
+    there is no readable database there (opening the store reports a damaged one
+    properly). `immutable`: a published snapshot, which no one writes again."""
+    if not db.is_file():
+        return {}
+    query = "mode=ro&immutable=1" if immutable else "mode=ro"
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?{query}", uri=True)
+        try:
+            return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return {}

@@ -8,9 +8,10 @@ finds k allowed hits however many of the nearest vectors are filtered out.
 
 Kinds: `flat` (exact; IndexIDMap over IndexFlatIP), `ivf` (IndexIVFFlat, the default past
 the size threshold) and `hnsw` (IndexIDMap over IndexHNSWFlat). IVF was chosen over HNSW
-for this workload by bench/store_search.py at 100,000 vectors: excluding the query's own
-task (leave-one-task-out evaluation) leaves HNSW at recall@8 0.77 and p50 2.6 ms, IVF at
-1.0 and 0.6 ms; IVF builds in 2.4 s where HNSW takes 42 s, and deletes in place.
+for this workload by bench/store_search.py at 100,000 vectors: with the query's own task
+excluded (leave-one-task-out evaluation) HNSW misses many of the true nearest and is
+slower, while IVF finds them all, builds far faster and deletes in place (figures in
+docs/retrieval.md, "The index").
 """
 
 from __future__ import annotations
@@ -39,31 +40,33 @@ INDEX_KINDS = (FLAT, IVF, HNSW)
 
 # IVF: about 4*sqrt(N) lists (a power of two; 1,024 at 100,000 vectors), never fewer
 # than IVF_MIN_POINTS_PER_LIST training points a list (k-means needs them); probe 1/16
-# of the lists (64 of 1,024: recall@8 1.0 with and without an own-task exclusion).
+# of the lists (64 of 1,024), which found every true neighbour on the benchmark, with and
+# without an own-task exclusion (docs/retrieval.md, "The index").
 IVF_MIN_POINTS_PER_LIST = 39
 IVF_MAX_LISTS = 16_384
 IVF_PROBE_FRACTION = 16
 IVF_MIN_PROBES = 8
-# k-means on 64 points a list for 10 rounds: trains 1,024 lists in a few seconds; more
-# points or rounds did not change recall@8 (1.0) on the benchmark.
+# k-means on 64 points a list for 10 rounds: quick to train; more points or rounds did
+# not change recall on the benchmark (docs/retrieval.md, "The index").
 IVF_TRAIN_POINTS_PER_LIST = 64
 IVF_TRAIN_ITERATIONS = 10
 
 # HNSW parameters (bench/store_search.py, 100,000 384-d vectors): M=32 links a node,
-# efConstruction 80, efSearch 64 give recall@8 0.99 unfiltered at p50 0.45 ms; the build
-# took 41 s. Kept as an explicit choice; "auto" picks IVF (see the module docstring).
+# efConstruction 80, efSearch 64: near-exact recall unfiltered at a fast search, for a
+# slow build (docs/retrieval.md, "The index"). Kept as an explicit choice; "auto" picks
+# IVF (see the module docstring).
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 64
 # With a filter, HNSW results are fetched unfiltered and filtered here; when too few
-# survive, the fetch widens up to this many before an exact scan takes over (at 100,000
-# vectors a 1,024-wide HNSW search costs about a quarter of an exact one).
+# survive, the fetch widens up to this many before an exact scan takes over (a fetch this
+# wide still costs well under an exact search: docs/retrieval.md, "The index").
 HNSW_OVERFETCH_MAX = 1024
 
 # OpenMP threads for bulk work (IVF training, HNSW construction). One: these rebuilds run
 # inside the server, beside vLLM, and a 2-thread OpenMP team on a CPU vLLM keeps busy
-# trained 1,024 IVF lists in 28.8 s where one thread took 6.2 s (2 cores). Raise it on a
-# machine with cores to spare.
+# trained IVF lists several times slower than one thread (docs/retrieval.md, "The
+# index"). Raise it on a machine with cores to spare.
 BUILD_THREADS = 1
 
 _MAGIC = b"CTXIDX01"
@@ -161,8 +164,8 @@ class VectorIndex:
             return np.empty(0, np.float32), np.empty(0, np.int64)
         # One query runs on the calling thread. An OpenMP team for a single query costs
         # more than it saves, and on a CPU shared with vLLM a 2-thread team waits for
-        # scheduler slices: flat search over 20,000 vectors took 24 ms (p50) with two
-        # threads, 1.1 ms with one. The setting is per calling thread (an OpenMP ICV).
+        # scheduler slices, an order of magnitude slower than one thread (docs/retrieval.md,
+        # "The index"). The setting is per calling thread (an OpenMP ICV).
         faiss.omp_set_num_threads(1)
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
         if self.kind == FLAT:
@@ -181,7 +184,7 @@ class VectorIndex:
         # Filtering inside HNSW fails silently when the query sits among excluded
         # vectors (the usual case: a task excluded from its own retrieval): the bounded
         # candidate list fills with excluded neighbours and the allowed hits it returns
-        # are not the nearest (recall@8 of 0.02 at efSearch 64 on 100,000 vectors). So
+        # are almost never the nearest (docs/retrieval.md, "The index"). So
         # fetch unfiltered and filter here, which is right whenever enough allowed hits
         # come back; when they do not, exact search.
         # Two tries: a narrow fetch, enough unless the query's neighbourhood is filtered
@@ -251,14 +254,7 @@ class VectorIndex:
     # -- persistence
 
     def save(self, path: Path, header: IndexHeader) -> None:
-        """Write atomically: temp file, fsync, rename, fsync the folder. A reader (or a
-        crash) sees the old file or the new one, never a torn one."""
-        payload = self.payload()
-        if payload is None:  # An IVF index that never saw a vector: nothing to keep.
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            return
-        write_atomic(path, lambda fh: write_index_file(fh, header, payload))
+        write_index(path, header, self.payload())
 
     def payload(self) -> memoryview | None:
         """The FAISS serialization; None for an IVF index that never saw a vector."""
@@ -268,8 +264,9 @@ class VectorIndex:
 
     def copy(self) -> VectorIndex:
         """An independent copy. FAISS copies an index several times faster than it
-        serializes one (100,000 384-d IVF vectors: about 20 ms against 250 ms), so a
-        snapshot copies under the store's writer lock and serializes after it."""
+        serializes one (deploy/README.md, "The demonstration store with several
+        replicas"), so a snapshot copies under the store's writer lock and serializes
+        after it."""
         return VectorIndex(
             self.kind, self.dim, None if self._index is None else faiss.clone_index(self._index)
         )
@@ -313,7 +310,19 @@ class VectorIndex:
         return cls(header.kind, header.dim, index), header
 
 
-def write_index_file(fh: BinaryIO, header: IndexHeader, payload: memoryview) -> None:
+def write_index(path: Path, header: IndexHeader, payload: memoryview | None) -> None:
+    """Write the index file for `payload` (VectorIndex.payload()) atomically: temp file,
+    fsync, rename, fsync the folder. A reader (or a crash) sees the old file or the new
+    one, never a torn one. Separate from VectorIndex.save so that a caller holding a
+    copy of the index can free it before writing."""
+    if payload is None:  # An IVF index that never saw a vector: nothing to keep.
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    write_atomic(path, lambda fh: _write_index_file(fh, header, payload))
+
+
+def _write_index_file(fh: BinaryIO, header: IndexHeader, payload: memoryview) -> None:
     """An index file: magic, header length, header (with the payload's checksum), payload."""
     digest = hashlib.sha256(payload).hexdigest()
     meta = json.dumps({**_fields(header), "sha256": digest, "payload_len": len(payload)})

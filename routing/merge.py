@@ -15,19 +15,25 @@ are the same merge (LoraHub's convention of an affine combination).
 
 Merges are materialized once into a cache folder keyed by (adapters and their content,
 weights, method, rank), evicted least-recently-used; concurrent requests for the same new
-merge share one build.
+merge share one build. A merge handed to a request is leased to it until the request ends:
+vLLM reads the folder when it schedules the request (and again whenever it has dropped the
+LoRA from its own caches), so an evicted merge keeps its folder until its last lease goes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import time
-from collections import OrderedDict
+import weakref
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +41,8 @@ from typing import Any
 
 from retrieval.durable import fsync_tree
 from routing.adapter_meta import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
 
 METHODS = ("auto", "exact", "svd")
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -182,12 +190,29 @@ def _truncate(b: Any, a: Any, rank: int) -> tuple[Any, Any]:
 # -- the cache ---------------------------------------------------------------------------------
 
 
+class MergeLease:
+    """A request's hold on a merge: the cache keeps the merge's folder (and leaves vLLM's
+    copy loaded) until release(). Release is idempotent and thread-safe; a lease dropped
+    without it is released when garbage collected, so a request that ends on a path that
+    never releases cannot keep a folder for good."""
+
+    def __init__(self, name: str, release: Callable[[], None]) -> None:
+        self.name = name
+        # `release` must not refer to this lease, or the lease is never collected.
+        self._finalizer = weakref.finalize(self, release)
+        self._finalizer.atexit = False  # at exit the folders stay: the next start reuses them
+
+    def release(self) -> None:
+        self._finalizer()
+
+
 @dataclass
 class MergeResult:
     name: str
     path: Path
     hit: bool
     build_seconds: float
+    lease: MergeLease | None = None
 
 
 def merge_key(sources: Sequence[Source], weights: Sequence[float], method: str, rank: int) -> str:
@@ -221,6 +246,11 @@ class MergeCache:
         self.on_evict = on_evict
         self._entries: OrderedDict[str, Path] = OrderedDict()
         self._building: dict[str, asyncio.Future[MergeResult]] = {}
+        # Leases per merge, merges evicted while leased (their folders still whole), and
+        # folder removals under way. Touched on the event loop only.
+        self._pins: Counter[str] = Counter()
+        self._evicted: dict[str, Path] = {}
+        self._removals: dict[str, asyncio.Task[None]] = {}
         self.hits = 0
         self.misses = 0
         root.mkdir(parents=True, exist_ok=True)
@@ -236,30 +266,52 @@ class MergeCache:
         return f"merge-{key}"
 
     async def get(
-        self, sources: Sequence[Source], weights: Sequence[float], method: str = "auto"
+        self,
+        sources: Sequence[Source],
+        weights: Sequence[float],
+        method: str = "auto",
+        pin: bool = False,
     ) -> MergeResult:
+        """The merge, built if need be. With `pin`, the result holds a lease: its folder
+        stays until the lease is released, evicted or not; a request must hold one from
+        the moment it is handed the merge until the engine is done with it."""
         total = sum(_rank_of(s.path) for s in sources)
         if method == "auto":
             method = "exact" if total <= self.max_rank else "svd"
         rank = total if method == "exact" else min(self.max_rank, total)
         key = merge_key(sources, weights, method, rank)
         name = self.served_name(key)
-        if name in self._entries:
-            self._entries.move_to_end(name)
-            self.hits += 1
-            return MergeResult(name, self._entries[name], True, 0.0)
-        pending = self._building.get(name)
-        if pending is not None:
-            # Someone is building this very merge: wait for it rather than build twice.
-            result = await asyncio.shield(pending)
-            self.hits += 1
-            return MergeResult(result.name, result.path, True, 0.0)
+        while True:
+            removal = self._removals.get(name)
+            if removal is not None:
+                # Its old folder is on its way out: let that finish before building anew.
+                await asyncio.wait({removal})
+                continue
+            kept = self._evicted.pop(name, None)
+            if kept is not None:
+                # Evicted while leased, so its folder is whole: back into the cache.
+                self._entries[name] = kept
+            if name in self._entries:
+                self._entries.move_to_end(name)
+                self.hits += 1
+                result = MergeResult(name, self._entries[name], True, 0.0, self._lease(name, pin))
+                if kept is not None:
+                    await self._evict()
+                return result
+            pending = self._building.get(name)
+            if pending is None:
+                break
+            # Someone is building this very merge: wait for it rather than build twice,
+            # then look again (it may have been evicted in between).
+            await asyncio.shield(pending)
         future: asyncio.Future[MergeResult] = asyncio.get_running_loop().create_future()
         self._building[name] = future
         try:
             started = time.perf_counter()
             path = await asyncio.to_thread(self._build, name, sources, weights, method, rank)
-            result = MergeResult(name, path, False, time.perf_counter() - started)
+            result = MergeResult(
+                name, path, False, time.perf_counter() - started, self._lease(name, pin)
+            )
             self.misses += 1
             self._entries[name] = path
             future.set_result(result)
@@ -293,12 +345,51 @@ class MergeCache:
         os.replace(tmp, final)
         return final
 
+    def _lease(self, name: str, pin: bool) -> MergeLease | None:
+        if not pin:
+            return None
+        self._pins[name] += 1
+        loop = asyncio.get_running_loop()
+        return MergeLease(name, functools.partial(self._release, loop, name))
+
+    def _release(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
+        # Any thread: a lease's finalizer runs wherever the garbage collector does.
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            loop.call_soon_threadsafe(self._unpin, name)
+
+    def _unpin(self, name: str) -> None:
+        self._pins[name] -= 1
+        if self._pins[name] > 0:
+            return
+        del self._pins[name]
+        path = self._evicted.pop(name, None)
+        if path is not None:
+            self._start_removal(name, path)
+
     async def _evict(self) -> None:
         while len(self._entries) > self.capacity:
             name, path = self._entries.popitem(last=False)
+            if self._pins[name] > 0:
+                self._evicted[name] = path  # removed when its last lease is released
+                continue
+            # Waited on without being tied to this request: cancelling it must not leave
+            # the folder half removed.
+            await asyncio.wait({self._start_removal(name, path)})
+
+    def _start_removal(self, name: str, path: Path) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._remove(name, path))
+        self._removals[name] = task
+        return task
+
+    async def _remove(self, name: str, path: Path) -> None:
+        try:
             if self.on_evict is not None:
                 await self.on_evict(name)
             await asyncio.to_thread(shutil.rmtree, path, True)
+        except Exception:
+            log.exception("Removing the evicted merge %s failed", name)
+        finally:
+            self._removals.pop(name, None)
 
 
 def _rank_of(path: Path) -> int:

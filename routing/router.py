@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from routing.adapter_meta import AdapterMeta
+from routing.modes import RoutingMode
 
 FALLBACKS = ("generalist", "off")
 COMBINES = ("merge", "fuse")
@@ -65,7 +66,7 @@ class Route:
     """What the router chose: mode "off", "adapter", "merge" or "fuse", with normalized
     weights."""
 
-    mode: str
+    mode: RoutingMode
     adapters: list[tuple[str, float]] = field(default_factory=list)
     scores: list[Scored] = field(default_factory=list)
     reason: str = ""
@@ -141,7 +142,9 @@ def decide(
         if best.similarity >= config.single_min and best.similarity - runner_up >= (
             config.single_margin
         ):
-            return Route("adapter", [(best.name, 1.0)], scores, "one specialist clearly nearest")
+            return Route(
+                RoutingMode.ADAPTER, [(best.name, 1.0)], scores, "one specialist clearly nearest"
+            )
         close = [s for s in scores[:k] if s.similarity >= config.merge_min]
         if len(close) >= 2:
             weights = softmax_weights(
@@ -149,10 +152,16 @@ def decide(
             )
             chosen = [(s.name, w) for s, w in zip(close, weights, strict=True) if w > 0]
             if len(chosen) >= 2:
-                return Route(config.combine, chosen, scores, "several specialists close")
+                return Route(
+                    RoutingMode(config.combine), chosen, scores, "several specialists close"
+                )
             close = close[:1]
         if len(close) == 1:
-            return Route("adapter", [(close[0].name, 1.0)], scores, "one specialist close")
+            return Route(
+                RoutingMode.ADAPTER, [(close[0].name, 1.0)], scores, "one specialist close"
+            )
     if config.fallback == "generalist" and generalist is not None:
-        return Route("adapter", [(generalist, 1.0)], scores, "no specialist close: generalist")
-    return Route("off", [], scores, "no adapter close enough")
+        return Route(
+            RoutingMode.ADAPTER, [(generalist, 1.0)], scores, "no specialist close: generalist"
+        )
+    return Route(RoutingMode.OFF, [], scores, "no adapter close enough")

@@ -28,7 +28,8 @@ import numpy as np
 from routing.adapter_meta import packaged_library_dir
 from routing.fusion.spec import MAX_ABS_ALPHA
 from routing.fusion.spec import MAX_ADAPTERS as MAX_FUSED_ADAPTERS
-from routing.merge import MergeCache, MergeError, Source
+from routing.merge import MergeCache, MergeError, MergeLease, Source
+from routing.modes import RoutingMode
 from routing.registry import Adapter, AdapterRegistry
 from routing.router import RouterConfig, route, softmax_weights
 
@@ -49,11 +50,13 @@ class Plan:
     """What to serve: mode and weights for the annotation, the LoRA (name, folder) for the
     engine (None: the base model), and what the merge cache did."""
 
-    mode: str
+    mode: RoutingMode
     adapters: list[tuple[str, float]] = field(default_factory=list)
     lora: tuple[str, Path] | None = None
     merge_hit: bool | None = None
     merge_seconds: float = 0.0
+    # The merge's folder is kept for this request until it releases this (routing/merge.py).
+    merge_lease: MergeLease | None = None
     # The router's view, for `auto` only: each candidate specialist's similarity to the
     # request (best first) and why it chose what it chose.
     scores: list[tuple[str, float]] = field(default_factory=list)
@@ -68,7 +71,7 @@ class Plan:
 @dataclass
 class RoutingRequest:
     model: str
-    mode: str | None
+    mode: RoutingMode | None
     adapters: list[str] | None
     weights: list[float] | None
     top_k: int | None
@@ -91,58 +94,62 @@ class RoutingService:
         self.base_name = base_name
         self.auto_name = auto_name
 
-    def resolve_mode(self, request: RoutingRequest) -> str:
+    def resolve_mode(self, request: RoutingRequest) -> RoutingMode:
         """The mode this request asks for (before the router runs)."""
         if request.mode is not None:
             return request.mode
         if request.model == self.auto_name:
-            return "auto"
+            return RoutingMode.AUTO
         if request.model == self.base_name:
-            return "off"
-        return "adapter"  # the model names an adapter
+            return RoutingMode.OFF
+        return RoutingMode.ADAPTER  # the model names an adapter
 
     def needs_query(self, request: RoutingRequest) -> bool:
         mode = self.resolve_mode(request)
-        return mode == "auto" or (mode == "fuse" and not request.adapters)
+        return mode == RoutingMode.AUTO or (mode == RoutingMode.FUSE and not request.adapters)
 
     async def plan(self, request: RoutingRequest, query: np.ndarray | None) -> Plan:
         mode = self.resolve_mode(request)
         names = list(request.adapters or [])
         model_adapter = self.registry.get(request.model)
-        if model_adapter is not None and not names and mode in ("adapter", "merge", "fuse"):
+        if (
+            model_adapter is not None
+            and not names
+            and mode in (RoutingMode.ADAPTER, RoutingMode.MERGE, RoutingMode.FUSE)
+        ):
             names = [request.model]
-        elif model_adapter is not None and mode in ("off", "auto"):
+        elif model_adapter is not None and mode in (RoutingMode.OFF, RoutingMode.AUTO):
             raise RoutingError(
-                f"model {request.model!r} is an adapter; routing.mode {mode!r} contradicts it",
+                f"model {request.model!r} is an adapter; routing.mode {str(mode)!r} contradicts it",
                 "crosstask.routing.mode",
             )
-        if mode == "off":
+        if mode == RoutingMode.OFF:
             if names:
                 raise RoutingError(
                     "routing.mode 'off' serves the base model; drop routing.adapters",
                     "crosstask.routing.adapters",
                 )
-            return Plan("off")
-        if mode == "fuse":
+            return Plan(RoutingMode.OFF)
+        if mode == RoutingMode.FUSE:
             return self._fuse(request, names, query)
         if request.alpha is not None:
             raise RoutingError(
                 "routing.alpha applies to routing.mode 'fuse' only", "crosstask.routing.alpha"
             )
-        if mode == "auto":
+        if mode == RoutingMode.AUTO:
             if names:
                 return await self._merge_or_single(names, request.weights)
             if query is None:
                 # No text to embed (token-id prompt, empty input): nothing to route on.
-                return Plan("off")
+                return Plan(RoutingMode.OFF)
             decision = route(
                 query, self.registry.routable(), request.exclude_tasks, self.config, request.top_k
             )
             names = [n for n, _ in decision.adapters]
             weights = [w for _, w in decision.adapters]
-            if decision.mode == "off":
-                plan = Plan("off")
-            elif decision.mode == "fuse":
+            if decision.mode == RoutingMode.OFF:
+                plan = Plan(RoutingMode.OFF)
+            elif decision.mode == RoutingMode.FUSE:
                 fuse_request = dataclasses.replace(request, weights=weights, alpha=None)
                 plan = self._fuse(fuse_request, names, query)
             else:
@@ -150,7 +157,7 @@ class RoutingService:
             plan.scores = [(s.name, round(s.similarity, 4)) for s in decision.scores]
             plan.reason = decision.reason
             return plan
-        if mode == "adapter":
+        if mode == RoutingMode.ADAPTER:
             if len(names) != 1:
                 raise RoutingError(
                     "routing.mode 'adapter' takes exactly one adapter (routing.adapters or model)",
@@ -159,14 +166,14 @@ class RoutingService:
             if request.weights is not None and len(request.weights) != 1:
                 raise RoutingError("one adapter takes one weight", "crosstask.routing.weights")
             adapter = self._get(names[0])
-            return Plan("adapter", [(adapter.name, 1.0)], (adapter.name, adapter.path))
-        if mode == "merge":
+            return Plan(RoutingMode.ADAPTER, [(adapter.name, 1.0)], (adapter.name, adapter.path))
+        if mode == RoutingMode.MERGE:
             if not names:
                 raise RoutingError(
                     "routing.mode 'merge' needs routing.adapters", "crosstask.routing.adapters"
                 )
             return await self._merge_or_single(names, request.weights, force_merge=True)
-        raise RoutingError(f"unknown routing.mode {mode!r}", "crosstask.routing.mode")
+        raise RoutingError(f"unknown routing.mode {str(mode)!r}", "crosstask.routing.mode")
 
     def _fuse(self, request: RoutingRequest, names: list[str], query: np.ndarray | None) -> Plan:
         weights = request.weights
@@ -223,7 +230,7 @@ class RoutingService:
         prior = list(weights if weights is not None and dynamic else equal)
         shown = alphas if alphas is not None else [w / sum(prior) for w in prior]
         return Plan(
-            "fuse",
+            RoutingMode.FUSE,
             [(a.name, round(w, 6)) for a, w in zip(adapters, shown, strict=True)],
             scores=scores,
             reason=(reason + "; " if reason else "")
@@ -259,20 +266,21 @@ class RoutingService:
             )
         if len(adapters) == 1 and not force_merge:
             a = adapters[0]
-            return Plan("adapter", [(a.name, 1.0)], (a.name, a.path))
+            return Plan(RoutingMode.ADAPTER, [(a.name, 1.0)], (a.name, a.path))
         try:
             result = await self.merges.get(
-                [Source(a.name, a.path, a.fingerprint) for a in adapters], raw
+                [Source(a.name, a.path, a.fingerprint) for a in adapters], raw, pin=True
             )
         except MergeError as exc:
             raise RoutingError(str(exc), "crosstask.routing.weights") from None
         total = sum(raw)
         return Plan(
-            "merge",
+            RoutingMode.MERGE,
             [(a.name, w / total) for a, w in zip(adapters, raw, strict=True)],
             (result.name, result.path),
             merge_hit=result.hit,
             merge_seconds=result.build_seconds,
+            merge_lease=result.lease,
         )
 
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 import uuid
 import zlib
@@ -46,6 +45,7 @@ from serve.api.chat_completion.serving import ChatServing
 from serve.api.completion.protocol import CompletionRequest
 from serve.api.completion.serving import CompletionServing
 from serve.errors import APIError, invalid_request
+from serve.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -347,58 +347,24 @@ def count_lines(path: Path, chunk: int = 1 << 20) -> int:
     return count + (last != b"\n")
 
 
-class Progress:
-    """A tqdm bar on a terminal (lines, tok/s, ETA); a log line every `period` seconds
-    otherwise. The total arrives later (`set_total`, from a thread counting the input's
-    lines while the job runs): until then there is no ETA."""
+class BatchProgress:
+    """Lines done of the batch (the total arrives later, from a thread counting the input's
+    lines while the job runs: until then there is no ETA) and output tokens per second."""
 
-    def __init__(self, total: int | None, enabled: bool, period: float = 30.0) -> None:
-        self.period = period
-        self.started = time.monotonic()
-        self.last_log = self.started
-        self.done = 0
+    def __init__(self, enabled: bool) -> None:
+        self.bar = ProgressBar("batch", "lines", enabled=enabled)
         self.tokens = 0
-        self.total = total
-        self.bar: Any = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="line", dynamic_ncols=True)
 
     def set_total(self, total: int) -> None:
-        self.total = max(total, self.done)
-        if self.bar is not None:
-            self.bar.total = self.total
-            self.bar.refresh()
-
-    def eta_seconds(self) -> float | None:
-        elapsed = time.monotonic() - self.started
-        if self.total is None or self.done == 0 or elapsed <= 0:
-            return None
-        return max(self.total - self.done, 0) / (self.done / elapsed)
+        self.bar.set_total(total)
 
     def update(self, tokens: int) -> None:
-        self.done += 1
         self.tokens += tokens
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(f"{self.tokens / elapsed:.1f} tok/s", refresh=False)
-        elif time.monotonic() - self.last_log >= self.period:
-            self.last_log = time.monotonic()
-            eta = self.eta_seconds()
-            log.info(
-                "batch: %d%s lines done, %.1f output tok/s, %.0f s elapsed%s",
-                self.done,
-                f" of ~{self.total}" if self.total is not None else "",
-                self.tokens / elapsed,
-                elapsed,
-                f", ETA {eta:.0f} s" if eta is not None else "",
-            )
+        elapsed = max(time.monotonic() - self.bar.started, 1e-9)
+        self.bar.advance(postfix={"output tok/s": f"{self.tokens / elapsed:.1f}"})
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 class BatchRunner:
@@ -459,7 +425,7 @@ class BatchRunner:
         out = OutputLog.open(output_path)
         if out.done_lines:
             log.info("Resuming: %d lines of %s were already done", len(out.done_lines), output_path)
-        bar = Progress(None, progress)
+        bar = BatchProgress(progress)
         # Counted beside the job (a 10 GB input takes seconds); a shard owns about 1/N of
         # the lines (custom_ids hash uniformly), less those a previous run finished.
         done_before = len(out.done_lines)

@@ -66,16 +66,16 @@ def default_model_dir(home: Path) -> Path:
     return home / "models" / FOLDER_NAME
 
 
-def is_prepared(folder: Path) -> bool:
+def is_converted(folder: Path) -> bool:
     marker = folder / MARKER
     return marker.is_file() and (folder / "model.safetensors").is_file()
 
 
-def prepare_default_model(home: Path, *, force: bool = False) -> Path:
+def ensure_default_model(home: Path, *, force: bool = False) -> Path:
     """Return the converted model folder, converting it first if needed (idempotent)."""
     target = default_model_dir(home)
     gguf = find_gguf()
-    if not force and is_prepared(target):
+    if not force and is_converted(target):
         recorded = json.loads((target / MARKER).read_text())
         if recorded.get("source_fingerprint") == _fingerprint(gguf):
             return target

@@ -23,7 +23,9 @@ from retrieval.prompt import (
 )
 from retrieval.query import query_text
 from retrieval.retriever import Retriever
-from retrieval.store import Hit
+from retrieval.store_types import Hit
+from routing.merge import MergeLease
+from routing.modes import RoutingMode
 from routing.service import RoutingError, RoutingRequest, RoutingService
 from serve.engine.engine import Engine
 from serve.engine.types import (
@@ -46,7 +48,6 @@ AUTO_MODEL = "auto"
 # Where the model starts writing the next Definition/Input block of a few-shot prompt, it
 # has finished its answer.
 DEMONSTRATION_STOPS = ("\n\nInput:", "\n\nDefinition:")
-ROUTING_MODES = ("off", "adapter", "merge", "fuse", "auto")
 
 
 @dataclass
@@ -62,7 +63,7 @@ class CrosstaskOptions:
     task: str | None = None
     k: int | None = None
     min_score: float | None = None
-    routing_mode: str | None = None
+    routing_mode: RoutingMode | None = None
     adapters: list[str] | None = None
     weights: list[float] | None = None
     top_k: int | None = None
@@ -91,7 +92,7 @@ class DemonstrationRef:
 
 @dataclass
 class RoutingDecision:
-    mode: str
+    mode: RoutingMode
     adapters: list[tuple[str, float]] = field(default_factory=list)
     scores: list[tuple[str, float]] = field(default_factory=list)
     reason: str = ""
@@ -111,6 +112,8 @@ class PreparedRequest:
     received_at: float
     lora: LoraTarget | None = None
     fusion: FusionTarget | None = None
+    # Keeps a merged `lora`'s folder until stream() ends: vLLM loads it from there.
+    merge_lease: MergeLease | None = None
 
 
 @dataclass
@@ -176,12 +179,17 @@ class Pipeline:
         demos: list[Hit] = []
         if k > 0 and vector is not None:
             demos = await self._search(request, vector, k)
-        decision, lora, fusion = await self._route(routing_request, vector)
-        demos = self._auto_demonstrations(routing_request, decision, demos)
-        prompt_ids, demos = self._assemble(request, demos, fusion)
-        params = self._fit_to_context(request, prompt_ids)
-        if fusion is not None:
-            self._check_fusion(request, params, fusion, len(prompt_ids))
+        decision, lora, fusion, lease = await self._route(routing_request, vector)
+        try:
+            demos = self._auto_demonstrations(routing_request, decision, demos)
+            prompt_ids, demos = self._assemble(request, demos, fusion)
+            params = self._fit_to_context(request, prompt_ids)
+            if fusion is not None:
+                self._check_fusion(request, params, fusion, len(prompt_ids))
+        except BaseException:
+            if lease is not None:
+                lease.release()  # refused: nothing will load the merge for this request
+            raise
         if demos:
             self.metrics.demonstrations.observe(len(demos))
         return PreparedRequest(
@@ -194,6 +202,7 @@ class Pipeline:
             received_at=received_at,
             lora=lora,
             fusion=fusion,
+            merge_lease=lease,
         )
 
     def _routing_request(self, request: GenerationRequest) -> RoutingRequest | None:
@@ -212,9 +221,9 @@ class Pipeline:
 
     async def _route(
         self, routing_request: RoutingRequest | None, vector: np.ndarray | None
-    ) -> tuple[RoutingDecision, LoraTarget | None, FusionTarget | None]:
+    ) -> tuple[RoutingDecision, LoraTarget | None, FusionTarget | None, MergeLease | None]:
         if self.routing is None or routing_request is None:
-            return RoutingDecision("off"), None, None
+            return RoutingDecision(RoutingMode.OFF), None, None, None
         if self.routing.needs_query(routing_request) and self.retriever is None:
             raise bad_request(
                 "Routing with `auto` compares the request's embedding with the adapters'; "
@@ -239,25 +248,25 @@ class Pipeline:
         lora = LoraTarget(plan.lora[0], plan.lora[1]) if plan.lora is not None else None
         fusion = (
             FusionTarget([LoraTarget(n, p) for n, p in plan.fusion], plan.alphas, plan.prior)
-            if plan.mode == "fuse"
+            if plan.mode == RoutingMode.FUSE
             else None
         )
         if fusion is not None:
             self.metrics.fused_requests.inc()
         decision = RoutingDecision(plan.mode, plan.adapters, plan.scores, plan.reason)
-        return decision, lora, fusion
+        return decision, lora, fusion, plan.merge_lease
 
     def _auto_demonstrations(
         self, routing_request: RoutingRequest | None, decision: RoutingDecision, hits: list[Hit]
     ) -> list[Hit]:
         """Under `auto` the router also decides whether the demonstrations go in: none when
         even the nearest is below `router_demo_min_score`. On the dev tasks, far
-        demonstrations hurt an adapter's answers (README, "Adapters and routing")."""
+        demonstrations hurt an adapter's answers (docs/routing.md)."""
         if (
             not hits
             or self.routing is None
             or routing_request is None
-            or self.routing.resolve_mode(routing_request) != "auto"
+            or self.routing.resolve_mode(routing_request) != RoutingMode.AUTO
         ):
             return hits
         nearest = max(h.score for h in hits)
@@ -352,9 +361,9 @@ class Pipeline:
     def _check_routing(self, options: CrosstaskOptions) -> None:
         if self.routing is not None:
             return  # the routing step checks the fields against the registered adapters
-        if options.routing_mode not in (None, "off"):
+        if options.routing_mode not in (None, RoutingMode.OFF):
             raise bad_request(
-                f"crosstask.routing.mode {options.routing_mode!r} needs the adapter library; "
+                f"crosstask.routing.mode {str(options.routing_mode)!r} needs the adapter library; "
                 "this server has no adapters registered, so only 'off' can be served.",
                 param="crosstask.routing.mode",
                 code="unsupported_value",
@@ -540,6 +549,8 @@ class Pipeline:
             ) from exc
         finally:
             await stream.aclose()
+            if prepared.merge_lease is not None:
+                prepared.merge_lease.release()  # the engine is done with the merge's folder
             if prepared.fusion is not None:
                 self.metrics.fused_steps.inc(generated)
             self.metrics.completion_tokens.inc(generated)

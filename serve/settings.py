@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     )
     prompt_format: Literal["plain", "chat"] = Field(
         default="chat",
-        description="How chat requests with demonstrations are laid out (see README).",
+        description="How chat requests with demonstrations are laid out (docs/retrieval.md).",
     )
 
     # Adapters and routing (see routing/router.py; thresholds calibrated on the dev tasks).
@@ -113,8 +113,8 @@ class Settings(BaseSettings):
     # Calibrated on the dev tasks (bench/calibrate_router.py, recorded in
     # bench/calibration/router_dev_tasks.json): the nearest specialist when its similarity
     # is >= 0.6, else the generalist. Merging the two nearest never beat the nearest alone
-    # there (34.4 vs 35.6 ROUGE-L with demonstrations), so auto does not merge unless
-    # merge_min is lowered.
+    # there (docs/routing.md, "The router"), so auto does not merge unless merge_min is
+    # lowered.
     router_single_min: float = Field(default=0.6, ge=-1, le=1, allow_inf_nan=False)
     router_single_margin: float = Field(default=0.05, ge=0, le=2, allow_inf_nan=False)
     router_merge_min: float = Field(default=1.0, ge=-1, le=1, allow_inf_nan=False)
@@ -123,13 +123,13 @@ class Settings(BaseSettings):
     router_fallback: Literal["generalist", "off"] = "generalist"
     # How `auto` combines several close specialists: one merged LoRA, or logit fusion (each
     # specialist and the base decode in lockstep). Only reached when merge_min lets `auto`
-    # combine at all; README ("Fusion") gives the dev-task figures behind the default.
+    # combine at all; docs/fusion.md gives the dev-task figures behind the default.
     router_combine: Literal["merge", "fuse"] = "merge"
     # Under `auto`, demonstrations go in only when the nearest one scores at least this
     # (cosine). Calibrated on the dev tasks by replaying recorded answers with and without
-    # demonstrations (bench/calibration/demo_gate_dev_tasks.json): macro ROUGE-L 32.3 with
-    # demonstrations always, 31.2 never, 33.9 at 0.5 (flat from 0.45 to 0.6). -1 keeps
-    # them always.
+    # demonstrations (bench/calibration/demo_gate_dev_tasks.json): far demonstrations hurt
+    # an adapter's answers, near ones help, and 0.5 beat both "always" and "never"
+    # (docs/routing.md, "Demonstrations under auto"). -1 keeps them always.
     router_demo_min_score: float = Field(default=0.5, ge=-1, le=1, allow_inf_nan=False)
     merge_cache_size: int = Field(default=16, ge=1, description="Merged adapters kept on disk.")
 
@@ -163,9 +163,10 @@ class Settings(BaseSettings):
 
     # Admission: beyond this many generation requests waiting (in flight beyond what the
     # engine runs at once, max_num_seqs), new ones get a quick 429 with Retry-After rather
-    # than a queue whose latency grows without end. See serve/api/limits.py. The wait is
-    # bounded by max_waiting / throughput: at 256 and ~1.2 requests/s on 2 CPU cores that
-    # was minutes, past any client timeout, so the default keeps the queue short.
+    # than a queue whose latency grows without end. See serve/api/admission.py. The wait is
+    # bounded by max_waiting / throughput: with a long queue on a small CPU that was
+    # minutes, past any client timeout, so the default keeps the queue short
+    # (docs/memory.md, "Other findings").
     max_waiting: int = Field(default=32, ge=0)
     retry_after_seconds: int = Field(
         default=1, ge=1, description="Retry-After of 429 (overloaded) and 503 answers."
@@ -178,7 +179,7 @@ class Settings(BaseSettings):
     # pool expiry (httpx, so the openai client: 5 s; load balancers: typically 60 s):
     # at uvicorn's 5 s both ends close at once, and a request sent on a connection the
     # server is just closing fails with a connection error, never reaching the server (seen
-    # once in 814 requests of bench/load.py).
+    # under bench/load.py: docs/memory.md, "Other findings").
     keep_alive_seconds: int = Field(default=75, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

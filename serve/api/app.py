@@ -1,4 +1,4 @@
-"""The app factory: settings and the engine starter are injected, nothing is global."""
+"""The app factory: settings and the start-up steps are injected, nothing is global."""
 
 from __future__ import annotations
 
@@ -13,60 +13,33 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
-from retrieval.retriever import Retriever
-from routing.service import RoutingService
 from serve.api import exception_handlers
 from serve.api.adapters.api_router import router as adapters_router
+from serve.api.admission import AdmissionMiddleware
 from serve.api.chat_completion.api_router import router as chat_router
 from serve.api.chat_completion.protocol import ChatCompletionChunk
 from serve.api.completion.api_router import router as completion_router
 from serve.api.completion.protocol import CompletionChunk
 from serve.api.demonstrations.api_router import router as demonstrations_router
 from serve.api.health.api_router import router as health_router
-from serve.api.limits import LimitsMiddleware
 from serve.api.middleware import MetricsMiddleware
 from serve.api.models.api_router import router as models_router
 from serve.api.state import ServerState, Status
-from serve.engine.engine import Engine, import_engine_libraries
-from serve.engine.types import EngineConfig
+from serve.runtime import Startup
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EngineStarter = Callable[[EngineConfig], Engine]
-RetrieverOpener = Callable[[], Retriever | None]
-# Builds the adapter registry and router once the engine (which serves the LoRAs and drops
-# evicted merges) and the retriever (whose embedder the router shares) exist.
-RoutingOpener = Callable[[Engine, Retriever | None], RoutingService | None]
 
-
-async def _start_engine(
-    state: ServerState,
-    start: EngineStarter,
-    open_retriever: RetrieverOpener,
-    open_routing: RoutingOpener,
-    import_libraries: Callable[[], None],
-) -> None:
-    retriever: Retriever | None = None
+async def _start(state: ServerState, startup: Startup) -> None:
     try:
-        await asyncio.to_thread(import_libraries)
-        # Loading and compiling blocks for tens of seconds; threads keep /health
-        # answering 503 meanwhile, and the store opens while the engine compiles.
-        engine_task = asyncio.create_task(asyncio.to_thread(start, state.engine_config))
-        retriever = await asyncio.to_thread(open_retriever)
-        if retriever is not None:
-            # Snapshot publishing (the store's writer) or following (a read-only replica).
-            retriever.start()
-        engine = await engine_task
-        routing = await asyncio.to_thread(open_routing, engine, retriever)
+        runtime = await startup.start()
     except Exception as exc:
         log.exception("Start-up failed")
         state.fail(f"start-up failed: {exc}")
-        if retriever is not None:
-            await retriever.close()
         state.on_fatal(1)
         return
-    state.attach(engine, retriever, routing)
+    state.attach(runtime.engine, runtime.retriever, runtime.routing)
     log.info(
         "Engine ready: serving %s from %s",
         state.engine_config.served_name,
@@ -194,22 +167,18 @@ def _document_actual_responses(schema: dict[str, Any]) -> dict[str, Any]:
 
 def create_app(
     settings: Settings,
-    engine_config: EngineConfig,
-    start_engine: EngineStarter = Engine.start,
-    open_retriever: RetrieverOpener = lambda: None,
-    import_libraries: Callable[[], None] = import_engine_libraries,
-    open_routing: RoutingOpener = lambda engine, retriever: None,
+    startup: Startup,
     on_fatal: Callable[[int], None] | None = None,
 ) -> FastAPI:
-    state = ServerState(settings=settings, engine_config=engine_config)
+    """The app; the engine, store and router start in the background (serve/runtime.py)
+    while /health answers 503."""
+    state = ServerState(settings=settings, engine_config=startup.engine_config)
     if on_fatal is not None:
         state.on_fatal = on_fatal
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        starter = asyncio.create_task(
-            _start_engine(state, start_engine, open_retriever, open_routing, import_libraries)
-        )
+        starter = asyncio.create_task(_start(state, startup))
         watchdog = asyncio.create_task(_watch_engine(state))
         try:
             yield
@@ -242,7 +211,7 @@ def create_app(
         app.include_router(router)
     # Outermost last: CORS (when on), then metrics (they see every answer, refusals
     # included), then the limits, which refuse before any route runs.
-    app.add_middleware(LimitsMiddleware, state=state)
+    app.add_middleware(AdmissionMiddleware, state=state)
     app.add_middleware(
         MetricsMiddleware,
         metrics=state.metrics,

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.api.limits import BodyTooLargeError, body_too_large
+from serve.api.body_limit import BodyTooLargeError, body_too_large
 from serve.errors import APIError, error_body, invalid_request
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ class MetricsMiddleware:
         self.app = app
         self.metrics = metrics
         # Paths of the app's routes without parameters: a request refused before routing
-        # (limits, see serve/api/limits.py) is labelled with its path when it is one of them.
+        # (limits, see serve/api/admission.py) is labelled with its path when it is one of them.
         self.known_paths = known_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -8,11 +8,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from serve.api.limits import find_lone_surrogate
+from routing.modes import RoutingMode
+from serve.api.unicode import find_lone_surrogate
 from serve.engine.types import GenerationParams
 from serve.pipeline import Annotation, CrosstaskOptions
 
-# Upper bounds that keep one request from asking for unbounded work; documented in README.
+# Upper bounds that keep one request from asking for unbounded work (docs/api.md, "Limits").
 MAX_DEMONSTRATIONS = 32
 MAX_ROUTED_ADAPTERS = 8
 MAX_EXCLUDED_TASKS = 1024
@@ -63,7 +64,7 @@ class CrosstaskExtension(OpenAIBaseModel):
             task=self.task,
             k=demos.k,
             min_score=demos.min_score,
-            routing_mode=routing.mode,
+            routing_mode=None if routing.mode is None else RoutingMode(routing.mode),
             adapters=routing.adapters,
             weights=routing.weights,
             top_k=routing.top_k,

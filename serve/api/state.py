@@ -9,10 +9,10 @@ from enum import StrEnum
 from retrieval.retriever import Retriever
 from routing.service import RoutingService
 from serve.api.adapters.serving import AdapterServing
+from serve.api.admission import RequestGate, engine_slots
 from serve.api.chat_completion.serving import ChatServing
 from serve.api.completion.serving import CompletionServing
 from serve.api.demonstrations.serving import DemonstrationServing
-from serve.api.limits import RequestGate, engine_slots
 from serve.engine.engine import Engine
 from serve.engine.types import EngineConfig
 from serve.metrics import Metrics
@@ -49,7 +49,7 @@ class ServerState:
     def __post_init__(self) -> None:
         self.gate = RequestGate(
             self.metrics.registry,
-            engine_slots=lambda: engine_slots(self),
+            engine_slots=lambda: engine_slots(self.engine, self.settings),
             max_waiting=self.settings.max_waiting,
         )
 

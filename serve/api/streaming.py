@@ -7,14 +7,16 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from serve.api.protocol import SamplingRequest
+from serve.api.protocol import CrosstaskAnnotation, SamplingRequest, UsageInfo
+from serve.engine.types import OutputDelta
 from serve.errors import APIError, bad_request
 from serve.settings import Settings
 
@@ -52,6 +54,80 @@ def sse_error(error: APIError) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+C = TypeVar("C", bound=BaseModel)
+
+
+@dataclass
+class StreamTally:
+    """What a stream has produced so far, across its choices."""
+
+    unfinished: int
+    completion_tokens: int = 0
+
+    def count(self, delta: OutputDelta) -> bool:
+        """Count `delta`; True when it carries something a client must be sent."""
+        self.completion_tokens += len(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.unfinished -= 1
+        return bool(delta.text or delta.finish_reason is not None or delta.logprobs)
+
+
+class ChunkMaker(Protocol[C]):
+    def __call__(
+        self,
+        choices: list[C],
+        *,
+        crosstask: CrosstaskAnnotation | None = None,
+        usage: UsageInfo | None = None,
+    ) -> str: ...
+
+
+def chunk_maker(
+    chunk_type: Callable[..., BaseModel], request_id: str, created: int, model: str
+) -> ChunkMaker[C]:
+    """Server-sent events of one stream's chunks (`chunk_type`: the resource's chunk model)."""
+
+    def chunk(
+        choices: list[C],
+        *,
+        crosstask: CrosstaskAnnotation | None = None,
+        usage: UsageInfo | None = None,
+    ) -> str:
+        payload = chunk_type(
+            id=request_id,
+            created=created,
+            model=model,
+            choices=choices,
+            crosstask=crosstask,
+            usage=usage,
+        )
+        return sse(payload)
+
+    return chunk
+
+
+async def sse_chunks(
+    steps: AsyncIterator[list[C]],
+    chunk: ChunkMaker[C],
+    tally: StreamTally,
+    annotation: CrosstaskAnnotation,
+    usage: Callable[[], UsageInfo] | None,
+) -> AsyncIterator[str]:
+    """The events of a generation stream after its first: a chunk per engine step with
+    choices to send (the one that finishes the last choice carries the annotation); an
+    error event if the generation fails; the usage chunk when asked for; `[DONE]`."""
+    try:
+        async for choices in steps:
+            if choices:
+                yield chunk(choices, crosstask=annotation if tally.unfinished == 0 else None)
+    except APIError as error:
+        yield sse_error(error)
+        yield SSE_DONE
+        return
+    if usage is not None:
+        yield chunk([], usage=usage(), crosstask=annotation)
+    yield SSE_DONE
 
 
 def event_stream(events: AsyncIterator[str]) -> StreamingResponse:

@@ -9,9 +9,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from serve.progress import ProgressBar
+
+if TYPE_CHECKING:
+    from routing.training.loop import StepReport
 
 log = logging.getLogger("crosstask")
 
@@ -43,7 +48,7 @@ def add_adapters_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _add_train(sub: Any) -> None:
-    from routing.training import AdapterSettings, DataConfig, SpecialistSettings
+    from routing.training.recipe import AdapterSettings, DataConfig, SpecialistSettings
 
     general = AdapterSettings()
     special = SpecialistSettings()
@@ -164,7 +169,7 @@ def _add_list(sub: Any) -> None:
 def recipe_from_args(args: argparse.Namespace) -> Any:
     """The recipe a `train --tasks` command line describes (defaults: the dataclasses')."""
     from retrieval.sources import read_task_list
-    from routing.training import (
+    from routing.training.recipe import (
         AdapterSettings,
         DataConfig,
         Recipe,
@@ -225,22 +230,44 @@ def _with(obj: Any, **changes: Any) -> Any:
     return replace(obj, **{k: v for k, v in changes.items() if v is not None and k in known})
 
 
+@dataclass
+class StepDisplay:
+    """The training's progress: one bar per adapter, in steps, from the step it resumed
+    at (so the ETA is this run's), with the loss and tokens/s of the latest step."""
+
+    adapter: str | None = None
+    bar: ProgressBar | None = None
+
+    def __call__(self, report: StepReport) -> None:
+        if self.bar is None or report.adapter != self.adapter:
+            self.close()
+            self.adapter = report.adapter
+            self.bar = ProgressBar(
+                report.adapter, "step", total=report.steps, initial=report.step - 1
+            )
+        postfix = {"loss": f"{report.loss:.3f}", "tokens/s": f"{report.tokens_per_s:.0f}"}
+        self.bar.advance(report.step - self.bar.done, postfix)
+        if report.step == report.steps:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.adapter, self.bar = None, None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from retrieval.sources import BigBenchSource, ensure_bigbench_sdist
-    from routing.training import (
-        LibraryInputs,
-        RunOptions,
-        StoreDemoSource,
-        build_library,
-        progress_printer,
-        read_recipe,
-    )
-    from serve.cli.main import _configure_logging
-    from serve.default_model import prepare_default_model
-    from serve.prepare import bigbench_cache, default_store_dir
+    from routing.training.data import StoreDemoSource
+    from routing.training.library import LibraryInputs, build_library
+    from routing.training.loop import RunOptions
+    from routing.training.recipe import read_recipe
+    from serve.cli.common import configure_logging
+    from serve.default_model import ensure_default_model
+    from serve.defaults import bigbench_cache, default_store_dir
     from serve.settings import Settings
 
-    _configure_logging("info")
+    configure_logging("info")
     # A polite kill (SIGTERM) interrupts like Ctrl-C, so the running adapter saves a
     # checkpoint on the way out and the next run continues from it.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -255,7 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = recipe_from_args(args)
     settings = Settings(**({"home": args.home} if args.home else {}))
     home = settings.home_dir
-    model_dir = args.model.expanduser().resolve() if args.model else prepare_default_model(home)
+    model_dir = args.model.expanduser().resolve() if args.model else ensure_default_model(home)
     store_dir = args.store or settings.store or default_store_dir(home)
     if not Path(store_dir).is_dir():
         raise FileNotFoundError(
@@ -264,6 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     sdist = args.bigbench_sdist or ensure_bigbench_sdist(bigbench_cache(home))
     demos = StoreDemoSource(Path(store_dir), args.embedder or settings.embedder)
+    display = StepDisplay()
     try:
         inputs = LibraryInputs(
             model_dir=model_dir,
@@ -271,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             demos=demos,
             embedder_name=demos.embedder_name,
         )
-        options = RunOptions(threads=args.threads, progress=progress_printer())
+        options = RunOptions(threads=args.threads, progress=display)
         try:
             report = build_library(recipe, args.out, inputs, args.only, options)
         except KeyboardInterrupt:
@@ -281,6 +309,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             return 130
     finally:
+        display.close()
         demos.close()
     for result in report.trained:
         print(

@@ -1,10 +1,10 @@
 """Hand freed heap memory back to the OS every so often, in every crosstask process.
 
-Why: under bench/load.py the vLLM worker's resident memory kept rising (158 to 252 MiB of
-free heap over 7 rounds) while the memory it had in use stayed flat (glibc's `mallinfo2`:
-976 to 983 MiB allocated at the end of every round). Each engine step allocates and frees
-tensors of new sizes, and glibc keeps the freed pages inside its arenas, between live
-blocks where its own trimming (top of the heap only) never reaches. `malloc_trim(0)` walks
+Why: under bench/load.py the vLLM worker's resident memory kept rising with free heap
+while the memory it had in use stayed flat (glibc's `mallinfo2`; figures in
+docs/memory.md, "What was found"). Each engine step allocates and frees tensors of new
+sizes, and glibc keeps the freed pages inside its arenas, between live blocks where its
+own trimming (top of the heap only) never reaches. `malloc_trim(0)` walks
 every arena and returns each whole free page; run every `CROSSTASK_HEAP_TRIM_SECONDS`
 (default 30, 0 turns it off) it keeps resident memory near what is in use, at the price of
 one page fault when a returned page is used again.

@@ -4,9 +4,9 @@ Why: vLLM's CPU punica wrapper (`vllm.lora.punica_wrapper.punica_cpu.PunicaWrapp
 every LoRA layer through `vllm.lora.ops.torch_ops`, whose `bgmv_*` ops gather one whole
 (rank x hidden) LoRA matrix per token (`weights[indices]`) and contract with an einsum. A
 1k-token prompt thus copies a thousand copies of each padded LoRA matrix, for each of the
-seven projections of all 30 layers, every step: prefill with one adapter ran ~16x slower
-than without. The V1 CPU model runner also always takes the "prefill" (sgmv) path, so decode
-pays the same per-token gather.
+seven projections of all 30 layers, every step: prefill with one adapter ran many times
+slower than without (docs/routing.md, "Serving speed"). The V1 CPU model runner also
+always takes the "prefill" (sgmv) path, so decode pays the same per-token gather.
 
 What this does instead (`FastPunicaWrapperCPU`):
 - Once per engine step, the tokens are grouped by adapter slot (`_plan_step`): one row

@@ -21,7 +21,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     # LoRA through vLLM's multi-LoRA support. Every slot is zero-padded to max_lora_rank
-    # (about 1.2 MB per rank per slot for SmolLM2-135M in float32: 8 x 32 -> 0.3 GB), and
+    # (memory per slot: docs/configuration.md, CROSSTASK_MAX_LORA_RANK), and
     # vLLM's own CPU ops compute at that padded rank; serve/engine/lora_cpu.py computes at each
     # adapter's real rank, so the padding costs memory only.
     enable_lora: bool = False

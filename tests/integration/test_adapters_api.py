@@ -1,6 +1,6 @@
 """Adapters through the real server: listing, `model: <adapter>`, explicit adapter and merge
 routing, `auto`, runtime load/unload while requests run, and every refusal a 4xx with the
-server still serving. The library is tests/integration/conftest.py's random LoRAs."""
+server still serving. The library is tests/conftest.py's random LoRAs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import MODEL, Server
+from tests.server import MODEL, Server
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
 QUESTION = [{"role": "user", "content": "Name three fruits."}]

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import Server
+from tests.server import Server
 
 HI = [{"role": "user", "content": "hi"}]
 

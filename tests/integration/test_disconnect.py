@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.integration.conftest import Server
+from tests.server import Server
 
 
 def _wait_idle(server: Server, timeout: float = 30.0) -> None:

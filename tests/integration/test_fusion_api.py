@@ -2,7 +2,7 @@
 one adapter at weight 1 is that adapter, streaming gives the non-streaming text, fused and
 unfused requests sent together each give what they give alone, the annotation names the
 members and weights, the metrics count fused requests and steps, and every refusal is a
-4xx. The adapters are tests/integration/conftest.py's random LoRAs."""
+4xx. The adapters are tests/conftest.py's random LoRAs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import MODEL, Server
+from tests.server import MODEL, Server
 
 QUESTION = [{"role": "user", "content": "Name three fruits."}]
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 16}

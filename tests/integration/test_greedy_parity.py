@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.integration.conftest import Server
+from tests.server import Server
 
 PROMPTS = [
     "What is the capital of France?",

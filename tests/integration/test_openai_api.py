@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import Server
+from tests.server import Server
 
 QUESTION = [{"role": "user", "content": "Name three primary colors."}]
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import Server
+from tests.server import Server
 
 QASC = "natural_instructions/subtask041_qasc_answer_generation"
 DEFINITION = "Given a science question, write its correct answer."

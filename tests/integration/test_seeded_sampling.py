@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.integration.conftest import Server
+from tests.server import Server
 
 PROMPT_TOKENS = 700  # six of these exceed one step's 2,048 batched tokens: some are chunked
 REQUESTS = 6

@@ -44,7 +44,7 @@ def test_store_search_cli(store_dir: Path, tmp_path: Path) -> None:
 def test_store_build_cli_small(tmp_path: Path) -> None:
     import os
 
-    from serve.prepare import bigbench_cache
+    from serve.defaults import bigbench_cache
 
     home = Path(os.environ.get("CROSSTASK_HOME", "~/.cache/crosstask")).expanduser()
     tasks = tmp_path / "tasks.txt"

@@ -4,10 +4,6 @@ module starts the one reader."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import MODEL, Server, _crosstask_home, _free_port
+from tests.server import (
+    MODEL,
+    SMALL_ENGINE,
+    Server,
+    clean_environment,
+    crosstask_home,
+    launch,
+    stop,
+)
 
 READER_STARTUP_TIMEOUT_S = 300
 # The writer publishes at most every 5 s (retrieval/snapshots.py) and the reader checks
@@ -28,71 +32,28 @@ PICKUP_TIMEOUT_S = 60
 def reader(
     server: Server, store_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """A read-only replica of the session server's store, reloading every second. Eager
-    mode and a small KV cache keep its start short; no adapters (no LoRA)."""
-    log_path = tmp_path_factory.mktemp("reader") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CROSSTASK_")}
-    env.update(
-        CROSSTASK_HOME=str(_crosstask_home()),
-        CROSSTASK_STORE=str(store_dir),
-        CROSSTASK_STORE_READONLY="true",
-        CROSSTASK_STORE_RELOAD_SECONDS="1",
-        CROSSTASK_API_KEYS=server.api_key,
-        CROSSTASK_ADMIN_KEY=server.admin_key,
-        CROSSTASK_DEFAULT_K="0",
+    """A read-only replica of the session server's store, reloading every second; no
+    adapters (no LoRA)."""
+    started = launch(
+        tmp_path_factory.mktemp("reader") / "server.log",
+        clean_environment(
+            CROSSTASK_HOME=str(crosstask_home()),
+            CROSSTASK_STORE=str(store_dir),
+            CROSSTASK_STORE_READONLY="true",
+            CROSSTASK_STORE_RELOAD_SECONDS="1",
+            CROSSTASK_API_KEYS=server.api_key,
+            CROSSTASK_ADMIN_KEY=server.admin_key,
+            CROSSTASK_DEFAULT_K="0",
+        ),
+        ["--model", str(model_dir), "--served-model-name", MODEL, *SMALL_ENGINE],
+        model_dir,
+        api_key=server.api_key,
+        admin_key=server.admin_key,
     )
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "serve.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        MODEL,
-        "--enforce-eager",
-        "--max-model-len",
-        "1024",
-        "--kv-cache-gb",
-        "0.25",
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READER_STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"reader exited with {process.returncode}:\n{log_path.read_text()[-4000:]}"
-                )
-            try:
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"reader not ready:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield Server(
-            base_url=base_url,
-            api_key=server.api_key,
-            admin_key=server.admin_key,
-            model=MODEL,
-            model_dir=model_dir,
-            process=process,
-            log_path=log_path,
-        )
+        yield started
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(started.process)
 
 
 def _search(server: Server, query: str) -> list[dict[str, object]]:

@@ -18,7 +18,7 @@ from serve.api.app import create_app, drain
 from serve.api.state import ServerState, Status
 from serve.engine.types import EngineConfig, GenerationParams, OutputDelta
 from serve.settings import Settings
-from tests.unit.fake_engine import FakeEngine, fake_config
+from tests.unit.fake_engine import FakeEngine, fake_config, fake_startup
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 2}
 
@@ -54,7 +54,10 @@ def gated() -> Iterator[tuple[TestClient, GatedEngine, ServerState]]:
         return engines[0]
 
     settings = Settings(max_num_seqs=2, max_waiting=1, retry_after_seconds=3, max_body_bytes=4096)
-    app = create_app(settings, fake_config(), start_engine=start)  # type: ignore[arg-type]
+    app = create_app(
+        settings,
+        fake_startup(start),
+    )  # type: ignore[arg-type]
     with TestClient(app) as client:
         deadline = time.monotonic() + 10
         while client.get("/health").status_code != 200:
@@ -190,7 +193,11 @@ def test_a_dead_engine_is_still_fatal_while_draining() -> None:
         engines.append(FakeEngine(config))
         return engines[0]
 
-    app = create_app(Settings(), fake_config(), start_engine=start, on_fatal=fatal.append)  # type: ignore[arg-type]
+    app = create_app(
+        Settings(),
+        fake_startup(start),
+        on_fatal=fatal.append,
+    )  # type: ignore[arg-type]
     with TestClient(app) as client:
         deadline = time.monotonic() + 10
         while client.get("/health").status_code != 200:
@@ -205,7 +212,10 @@ def test_a_dead_engine_is_still_fatal_while_draining() -> None:
 
 
 def test_the_openapi_document_describes_what_is_served() -> None:
-    app = create_app(Settings(), fake_config())
+    app = create_app(
+        Settings(),
+        fake_startup(),
+    )
     doc = app.openapi()
     for path, operations in doc["paths"].items():
         for operation in operations.values():

@@ -11,7 +11,8 @@ import time
 import httpx
 import pytest
 
-from tests.reliability.conftest import SPARE_DRAIN_SECONDS, Server
+from tests.reliability.conftest import SPARE_DRAIN_SECONDS
+from tests.server import Server
 
 STREAM_TOKENS = 48
 

@@ -19,7 +19,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.reliability.conftest import Server, launch, stop
+from tests.reliability.conftest import launch_dedicated
+from tests.server import Server, stop
 
 EXIT_BOUND_S = 60
 
@@ -79,7 +80,7 @@ class InFlightStream(threading.Thread):
 
 @pytest.mark.timeout(400)
 def test_engine_death_turns_health_503_and_exits_nonzero(model_dir: Path, tmp_path: Path) -> None:
-    server = launch(model_dir, tmp_path / "server.log")
+    server = launch_dedicated(model_dir, tmp_path / "server.log")
     try:
         core = _engine_core(server.process.pid)
         seeded_ok = _seeded_burst(server)

@@ -11,7 +11,7 @@ import http.client
 import time
 from urllib.parse import urlsplit
 
-from tests.reliability.conftest import Server
+from tests.server import Server
 
 # Longer than uvicorn's default keep-alive and httpx's pool expiry (both 5 s).
 IDLE_SECONDS = 6.5

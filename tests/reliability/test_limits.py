@@ -1,4 +1,4 @@
-"""Every documented limit (README, "Limits"), exceeded, is a 4xx with an OpenAI error body;
+"""Every documented limit (docs/api.md, "Limits"), exceeded, is a 4xx with an OpenAI error body;
 hostile encodings (invalid UTF-8, lone surrogates, deep nesting, huge numbers, NaN and
 Infinity) are 400s, never a 500. Cases that test_bad_input.py covers are not repeated."""
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.reliability.conftest import Server
+from tests.server import Server
 
 MODEL = "smollm2-135m-instruct"
 HI = [{"role": "user", "content": "hi"}]

@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from tests.reliability.conftest import SPARE_MAX_NUM_SEQS, SPARE_MAX_WAITING, Server
+from tests.reliability.conftest import SPARE_MAX_NUM_SEQS, SPARE_MAX_WAITING
+from tests.server import Server
 
 LIMIT = SPARE_MAX_NUM_SEQS + SPARE_MAX_WAITING
 BURST = 4 * LIMIT

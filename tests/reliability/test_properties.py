@@ -33,7 +33,7 @@ from serve.api.demonstrations.protocol import (
 )
 from serve.api.protocol import ErrorResponse
 from serve.settings import Settings
-from tests.unit.fake_engine import FakeEngine, fake_config
+from tests.unit.fake_engine import fake_startup
 
 MODEL = "fake-model"
 DIM = 8
@@ -223,9 +223,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
 
     app = create_app(
         Settings(default_k=2),
-        fake_config(),
-        start_engine=lambda config: FakeEngine(config),  # type: ignore[arg-type,return-value]
-        open_retriever=open_retriever,
+        fake_startup(open_retriever=open_retriever),
     )
     with TestClient(app) as c:
         deadline = time.monotonic() + 10

@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.reliability.conftest import Server
+from tests.server import Server
 
 CONFORMANCE = [
     not_a_server_error,

@@ -19,8 +19,8 @@ from pydantic import SecretStr
 
 from serve.api.app import create_app
 from serve.settings import Settings
-from tests.reliability.conftest import Server
-from tests.unit.fake_engine import FakeEngine, fake_config
+from tests.server import Server
+from tests.unit.fake_engine import fake_startup
 
 ROOT = Path(__file__).resolve().parents[2]
 # Management writes: the admin key only (CONTRACT.md). Those not yet served are skipped.
@@ -132,8 +132,7 @@ def _keyed_app(**settings: Any) -> TestClient:
         Settings(
             api_keys=[SecretStr("k1"), SecretStr("k2")], admin_key=SecretStr("adm"), **settings
         ),
-        fake_config(),
-        start_engine=lambda config: FakeEngine(config),  # type: ignore[arg-type,return-value]
+        fake_startup(),
     )
     return TestClient(app)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from serve.engine.types import EngineConfig, GenerationParams, InvalidParamsError, OutputDelta
+from serve.runtime import Startup
 
 
 class FakeTokenizer:
@@ -83,3 +84,16 @@ class BlockingStarter:
             raise RuntimeError("no weights")
         self.engine = FakeEngine(config)
         return self.engine
+
+
+def fake_startup(
+    start_engine: Callable[[EngineConfig], object] | None = None,
+    open_retriever: Callable[[], object] | None = None,
+) -> Startup:
+    """The app's start-up steps with the fake engine (and no vLLM import at all)."""
+    return Startup(
+        fake_config(),
+        start_engine=start_engine or FakeEngine,  # type: ignore[arg-type]
+        open_retriever=open_retriever or (lambda: None),  # type: ignore[arg-type]
+        import_libraries=lambda: None,
+    )

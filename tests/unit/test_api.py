@@ -10,8 +10,9 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from serve.api.app import create_app
+from serve.runtime import Startup
 from serve.settings import Settings
-from tests.unit.fake_engine import BlockingStarter, FakeEngine, fake_config
+from tests.unit.fake_engine import BlockingStarter, FakeEngine, fake_config, fake_startup
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "a bb ccc"}]}
 
@@ -21,9 +22,8 @@ def _client(
 ) -> TestClient:
     app = create_app(
         settings,
-        fake_config(),
-        start_engine=starter or (lambda config: FakeEngine(config)),  # type: ignore[arg-type]
-        on_fatal=(fatal.append if fatal is not None else None),
+        fake_startup(starter),
+        on_fatal=fatal.append if fatal is not None else None,
     )
     return TestClient(app)
 
@@ -83,10 +83,12 @@ def test_libraries_are_imported_before_engine_and_store_load_in_parallel() -> No
 
     app = create_app(
         Settings(),
-        fake_config(),
-        start_engine=start,  # type: ignore[arg-type]
-        open_retriever=open_retriever,
-        import_libraries=lambda: events.append("import"),
+        Startup(
+            fake_config(),
+            start_engine=start,
+            open_retriever=open_retriever,
+            import_libraries=lambda: events.append("import"),
+        ),  # type: ignore[arg-type]
     )
     with TestClient(app) as c:
         _wait_status(c, 200)

@@ -22,7 +22,7 @@ from retrieval.snapshots import current_id
 from retrieval.store import DemonstrationStore
 from serve.api.app import create_app
 from serve.settings import Settings
-from tests.unit.fake_engine import FakeEngine, fake_config
+from tests.unit.fake_engine import fake_startup
 
 DIM = 16
 ADD = {
@@ -70,9 +70,7 @@ def store_dir(tmp_path: Path) -> Path:
 def _client(settings: Settings, open_retriever: Callable[[], Retriever]) -> TestClient:
     app = create_app(
         settings,
-        fake_config(),
-        start_engine=lambda config: FakeEngine(config),  # type: ignore[arg-type,return-value]
-        open_retriever=open_retriever,
+        fake_startup(open_retriever=open_retriever),
     )
     return TestClient(app)
 
@@ -169,14 +167,15 @@ def test_a_lone_writer_publishes_nothing(store_dir: Path) -> None:
     assert current_id(store_dir) is None
 
 
-def test_serve_flags_set_the_store_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serve.cli.main import _SERVE_FIELDS, _settings, build_parser
+def test_serve_flags_set_the_storesettings_from_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.cli.common import SERVE_FIELDS, settings_from_args
+    from serve.cli.main import build_parser
 
     monkeypatch.delenv("CROSSTASK_STORE_READONLY", raising=False)
     monkeypatch.delenv("CROSSTASK_STORE_RELOAD_SECONDS", raising=False)
 
     args = build_parser().parse_args(["serve", "--store-readonly", "--store-reload-seconds", "2"])
-    settings = _settings(args, _SERVE_FIELDS)
+    settings = settings_from_args(args, SERVE_FIELDS)
     assert settings.store_readonly is True and settings.store_reload_seconds == 2.0
-    plain = _settings(build_parser().parse_args(["serve"]), _SERVE_FIELDS)
+    plain = settings_from_args(build_parser().parse_args(["serve"]), SERVE_FIELDS)
     assert plain.store_readonly is False and plain.store_reload_seconds == 30.0

@@ -252,15 +252,16 @@ def test_memory_stays_bounded_on_a_large_input(tmp_path: Path) -> None:
 
 
 def test_count_lines_and_progress_eta(tmp_path: Path) -> None:
-    from serve.batch import Progress, count_lines
+    from serve.batch import count_lines
+    from serve.progress import ProgressBar
 
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"a\n" * 2_500_000 + b"last without newline")
     assert count_lines(path, chunk=4096) == 2_500_001
     (tmp_path / "empty.jsonl").write_bytes(b"")
     assert count_lines(tmp_path / "empty.jsonl") == 0
-    progress = Progress(None, enabled=False)
-    progress.update(3)
+    progress = ProgressBar("batch", "lines", enabled=False)
+    progress.advance(3)
     assert progress.eta_seconds() is None  # no total yet
     progress.set_total(11)
     eta = progress.eta_seconds()

@@ -22,19 +22,19 @@ def test_primitive_caches_are_bounded_unless_the_environment_says_otherwise(
     environ: dict[str, str], name: str
 ) -> None:
     environ.pop(name, None)
-    cli._process_environment()
+    cli.process_environment()
     assert environ[name] == str(cli.PRIMITIVE_CACHE_CAPACITY)
     assert cli.PRIMITIVE_CACHE_CAPACITY < 1024  # oneDNN's and torch's own default
 
     environ[name] = "7"
-    cli._process_environment()
+    cli.process_environment()
     assert environ[name] == "7"
 
 
 def test_nothing_comes_from_a_model_hub(environ: dict[str, str]) -> None:
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_NO_USAGE_STATS"):
         environ.pop(name, None)
-    cli._process_environment()
+    cli.process_environment()
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_NO_USAGE_STATS"):
         assert environ[name] == "1"
 

@@ -8,24 +8,26 @@ from pathlib import Path
 import pytest
 
 from routing.service import default_library
-from serve.cli.main import _SERVE_FIELDS, _adapters_dir, _settings, build_parser
+from serve.cli.common import SERVE_FIELDS, settings_from_args
+from serve.cli.main import build_parser
+from serve.runtime import StartupError, adapters_dir
 
 
 def _parsed(monkeypatch: pytest.MonkeyPatch, *argv: str):  # type: ignore[no-untyped-def]
     for name in ("CROSSTASK_ADAPTERS", "CROSSTASK_ADAPTERS_ENABLED"):
         monkeypatch.delenv(name, raising=False)
-    return _settings(build_parser().parse_args(["serve", *argv]), _SERVE_FIELDS)
+    return settings_from_args(build_parser().parse_args(["serve", *argv]), SERVE_FIELDS)
 
 
 def test_the_shipped_library_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _adapters_dir(_parsed(monkeypatch)) == default_library()
+    assert adapters_dir(_parsed(monkeypatch)) == default_library()
 
 
 def test_another_folder_or_none(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert _adapters_dir(_parsed(monkeypatch, "--adapters", str(tmp_path))) == tmp_path.resolve()
-    assert _adapters_dir(_parsed(monkeypatch, "--no-adapters")) is None
+    assert adapters_dir(_parsed(monkeypatch, "--adapters", str(tmp_path))) == tmp_path.resolve()
+    assert adapters_dir(_parsed(monkeypatch, "--no-adapters")) is None
     monkeypatch.setenv("CROSSTASK_ADAPTERS_ENABLED", "false")
-    settings = _settings(build_parser().parse_args(["serve"]), _SERVE_FIELDS)
-    assert _adapters_dir(settings) is None
-    with pytest.raises(SystemExit, match="no such folder"):
-        _adapters_dir(_parsed(monkeypatch, "--adapters", str(tmp_path / "missing")))
+    settings = settings_from_args(build_parser().parse_args(["serve"]), SERVE_FIELDS)
+    assert adapters_dir(settings) is None
+    with pytest.raises(StartupError, match="no such folder"):
+        adapters_dir(_parsed(monkeypatch, "--adapters", str(tmp_path / "missing")))

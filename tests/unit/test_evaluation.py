@@ -26,25 +26,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from retrieval.sources import Example, Task
-from serve.evaluation import (
-    Item,
-    Outcome,
-    Variant,
-    VariantRun,
-    add_eval_parser,
-    api_base,
-    cmd_eval,
-    exact_match,
-    first_line,
-    normalize_answer,
-    parse_modes,
-    pick_zero,
-    rouge_l,
-    sample_items,
-    summarize,
-    variants_for,
-)
+from retrieval.sources import Example, Task, UnknownTaskError
+from serve.cli.eval import add_eval_parser, cmd_eval
+from serve.evaluation.client import Outcome, VariantRun, api_base
+from serve.evaluation.items import Item, sample_items
+from serve.evaluation.modes import Variant, parse_modes, variants_for
+from serve.evaluation.report import pick_zero, summarize
+from serve.evaluation.scoring import exact_match, first_line, normalize_answer, rouge_l
 
 BASE_MODEL = "base-model"
 
@@ -69,6 +57,11 @@ class FakeSource:
     def __init__(self, tasks: Iterable[Task]) -> None:
         self._tasks = {t.name: t for t in tasks}
         self.asked: list[list[str]] = []
+
+    def check_names(self, names: Iterable[str]) -> None:
+        unknown = [n for n in names if n not in self._tasks]
+        if unknown:
+            raise UnknownTaskError(f"unknown task(s): {', '.join(unknown)}")
 
     def tasks(self, names: Sequence[str]) -> Iterator[Task]:
         self.asked.append(list(names))
@@ -240,7 +233,7 @@ def test_sample_takes_everything_when_the_limit_allows() -> None:
 def test_sample_does_not_depend_on_the_hash_seed() -> None:
     code = (
         "from tests.unit.test_evaluation import _alpha;"
-        "from serve.evaluation import sample_items;"
+        "from serve.evaluation.items import sample_items;"
         "print([i.index for i in sample_items(_alpha(), 3, 7)])"
     )
     outputs = {

@@ -18,9 +18,15 @@ from serve.api.chat_completion.protocol import (
     TopLogprob,
 )
 from serve.api.protocol import CrosstaskAnnotation, UsageInfo
-from serve.api.streaming import SSE_DONE, check_limits, sse, sse_error
+from serve.api.streaming import (
+    ChunkMaker,
+    StreamTally,
+    check_limits,
+    chunk_maker,
+    sse_chunks,
+)
 from serve.engine.types import TokenLogprob
-from serve.errors import APIError, bad_request
+from serve.errors import bad_request
 from serve.pipeline import GenerationRequest, Message, Pipeline, PreparedRequest
 
 
@@ -88,18 +94,24 @@ class ChatServing:
     ) -> AsyncIterator[str]:
         created = int(time.time())
         n = prepared.params.n
-        annotation = CrosstaskAnnotation.of(prepared.annotation)
+        tally = StreamTally(unfinished=n)
 
-        def chunk(choices: list[ChatChunkChoice], **extra: object) -> str:
-            return sse(
-                ChatCompletionChunk(
-                    id=request_id,
-                    created=created,
-                    model=request.model,
-                    choices=choices,
-                    **extra,  # type: ignore[arg-type]
-                )
-            )
+        chunk: ChunkMaker[ChatChunkChoice] = chunk_maker(
+            ChatCompletionChunk, request_id, created, request.model
+        )
+
+        async def steps() -> AsyncIterator[list[ChatChunkChoice]]:
+            async for deltas in self.pipeline.stream(prepared, request_id):
+                yield [
+                    ChatChunkChoice(
+                        index=d.index,
+                        delta=DeltaMessage(content=d.text),
+                        logprobs=_logprobs(d.logprobs),
+                        finish_reason=d.finish_reason,
+                    )
+                    for d in deltas
+                    if tally.count(d)
+                ]
 
         yield chunk(
             [
@@ -107,32 +119,11 @@ class ChatServing:
                 for i in range(n)
             ]
         )
-        unfinished = n
-        completion_tokens = 0
-        try:
-            async for deltas in self.pipeline.stream(prepared, request_id):
-                choices = []
-                for d in deltas:
-                    completion_tokens += len(d.token_ids)
-                    if d.finish_reason is not None:
-                        unfinished -= 1
-                    if d.text or d.finish_reason is not None or d.logprobs:
-                        choices.append(
-                            ChatChunkChoice(
-                                index=d.index,
-                                delta=DeltaMessage(content=d.text),
-                                logprobs=_logprobs(d.logprobs),
-                                finish_reason=d.finish_reason,
-                            )
-                        )
-                if choices:
-                    # The chunk that finishes the last choice carries the annotation.
-                    yield chunk(choices, crosstask=annotation if unfinished == 0 else None)
-        except APIError as error:
-            yield sse_error(error)
-            yield SSE_DONE
-            return
-        if request.include_usage:
-            usage = UsageInfo.of(len(prepared.prompt_token_ids), completion_tokens)
-            yield chunk([], usage=usage, crosstask=annotation)
-        yield SSE_DONE
+        usage = (
+            (lambda: UsageInfo.of(len(prepared.prompt_token_ids), tally.completion_tokens))
+            if request.include_usage
+            else None
+        )
+        annotation = CrosstaskAnnotation.of(prepared.annotation)
+        async for event in sse_chunks(steps(), chunk, tally, annotation, usage):
+            yield event

@@ -15,9 +15,15 @@ from serve.api.completion.protocol import (
     CompletionResponse,
 )
 from serve.api.protocol import CrosstaskAnnotation, UsageInfo
-from serve.api.streaming import SSE_DONE, check_limits, sse, sse_error
+from serve.api.streaming import (
+    ChunkMaker,
+    StreamTally,
+    check_limits,
+    chunk_maker,
+    sse_chunks,
+)
 from serve.engine.types import OutputDelta, TokenLogprob
-from serve.errors import APIError, bad_request
+from serve.errors import bad_request
 from serve.pipeline import GenerationRequest, Pipeline, PreparedRequest
 
 
@@ -101,31 +107,19 @@ class CompletionServing:
     ) -> AsyncIterator[str]:
         created = int(time.time())
         n = request.n
-        annotation = CrosstaskAnnotation.of(prepared[0].annotation)
-        unfinished = n * len(prepared)
-        offsets = [0] * unfinished
-        completion_tokens = 0
+        tally = StreamTally(unfinished=n * len(prepared))
+        offsets = [0] * tally.unfinished
 
-        def chunk(choices: list[CompletionChoice], **extra: object) -> str:
-            return sse(
-                CompletionChunk(
-                    id=request_id,
-                    created=created,
-                    model=request.model,
-                    choices=choices,
-                    **extra,  # type: ignore[arg-type]
-                )
-            )
+        chunk: ChunkMaker[CompletionChoice] = chunk_maker(
+            CompletionChunk, request_id, created, request.model
+        )
 
-        try:
+        async def steps() -> AsyncIterator[list[CompletionChoice]]:
             async for prompt_index, deltas in _merge(self.pipeline, prepared, request_id):
                 choices = []
                 for d in deltas:
                     index = prompt_index * n + d.index
-                    completion_tokens += len(d.token_ids)
-                    if d.finish_reason is not None:
-                        unfinished -= 1
-                    if d.text or d.finish_reason is not None or d.logprobs:
+                    if tally.count(d):
                         choices.append(
                             CompletionChoice(
                                 index=index,
@@ -135,17 +129,17 @@ class CompletionServing:
                             )
                         )
                         offsets[index] += len(d.text)
-                if choices:
-                    yield chunk(choices, crosstask=annotation if unfinished == 0 else None)
-        except APIError as error:
-            yield sse_error(error)
-            yield SSE_DONE
-            return
-        if request.include_usage:
-            prompt_tokens = sum(len(p.prompt_token_ids) for p in prepared)
-            usage = UsageInfo.of(prompt_tokens, completion_tokens)
-            yield chunk([], usage=usage, crosstask=annotation)
-        yield SSE_DONE
+                yield choices
+
+        prompt_tokens = sum(len(p.prompt_token_ids) for p in prepared)
+        usage = (
+            (lambda: UsageInfo.of(prompt_tokens, tally.completion_tokens))
+            if request.include_usage
+            else None
+        )
+        annotation = CrosstaskAnnotation.of(prepared[0].annotation)
+        async for event in sse_chunks(steps(), chunk, tally, annotation, usage):
+            yield event
 
 
 async def _merge(

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from retrieval import store as limits
+from retrieval import store_limits as limits
 from serve.api.protocol import OpenAIBaseModel
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 from retrieval.query import query_text
 from retrieval.retriever import Retriever
-from retrieval.store import NewDemo, StoreError, ValidationError
+from retrieval.store_types import NewDemo, StoreError, ValidationError
 from serve.api.demonstrations.protocol import (
     AddDemonstrationsRequest,
     AddDemonstrationsResponse,

@@ -35,7 +35,7 @@ from retrieval.onnx_export import (
 )
 from retrieval.retriever import open_retriever
 from retrieval.sources import BigBenchSource
-from retrieval.store import StoreError
+from retrieval.store_types import StoreError
 
 pytest.importorskip("onnxruntime")
 

@@ -32,8 +32,9 @@ from retrieval.snapshots import (
     snapshot_dir,
     snapshot_metadata,
 )
-from retrieval.store import DB_FILE, INDEX_FILE, DemonstrationStore, NewDemo
+from retrieval.store import DB_FILE, INDEX_FILE, DemonstrationStore
 from retrieval.store_index import VectorIndex
+from retrieval.store_types import NewDemo
 
 DIM = 16
 Vectors = Callable[..., np.ndarray]
@@ -202,7 +203,8 @@ _KILLED_PUBLISHER = """
 import sys
 import numpy as np
 from retrieval.snapshots import SnapshotPublisher
-from retrieval.store import DemonstrationStore, NewDemo
+from retrieval.store import DemonstrationStore
+from retrieval.store_types import NewDemo
 
 path, dim = sys.argv[1], int(sys.argv[2])
 store = DemonstrationStore.open(path, dim)

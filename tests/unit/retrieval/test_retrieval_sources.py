@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import tarfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -178,40 +179,153 @@ def test_ensure_sdist_reuses_cached_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert ensure_bigbench_sdist(tmp_path) == cached
 
 
-def _fake_pip(payload: bytes, calls: list[list[str]]) -> Callable[[list[str]], None]:
+FAKE_WHEEL = b"pretend pip wheel"
+
+
+@pytest.fixture
+def legacy_pip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This pip is too new to download the sdist (whatever the venv holds), and the pip
+    wheel the fake index serves is the pinned one."""
+    import hashlib
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "26.0")
+    digest = hashlib.sha256(FAKE_WHEEL).hexdigest()
+    monkeypatch.setattr(sources, "_LEGACY_PIP_WHEEL_SHA256", digest, raising=False)
+
+
+def _requirement(argv: list[str]) -> tuple[str, set[str]]:
+    """What a `pip download` asks for, and the sha256 pins it gives (from its -r file)."""
+    import re
+
+    if "-r" in argv:
+        text = Path(argv[argv.index("-r") + 1]).read_text(encoding="utf-8")
+        return text.split()[0], set(re.findall(r"--hash=sha256:([0-9a-f]+)", text))
+    return next(a for a in argv if "==" in a), set()
+
+
+def _runs_wheel(argv: list[str]) -> bool:
+    return len(argv) > 1 and argv[1].endswith(".whl/pip")
+
+
+@dataclass
+class PipCall:
+    argv: list[str]
+    requirement: str
+    pins: set[str]
+
+
+def _fake_pip(
+    payload: bytes,
+    calls: list[PipCall],
+    prepared: list[str] | None = None,
+    wheel: bytes = FAKE_WHEEL,
+    check_hashes: bool = True,
+) -> Callable[[list[str]], None]:
+    """`pip download` from an index serving `payload` as the sdist and `wheel` as pip.
+    Like pip: in hash-checking mode a file matching no pin is refused before anything else;
+    an sdist that gets past that has its metadata prepared, which runs its setup.py
+    (recorded in `prepared`). `check_hashes=False`: a pip that lets a bad file through."""
+    import hashlib
+
     def run(argv: list[str]) -> None:
-        calls.append(argv)
+        requirement, pins = _requirement(argv)
+        calls.append(PipCall(argv, requirement, pins))
+        content = payload if requirement.startswith("bigbench==") else wheel
+        pinned = hashlib.sha256(content).hexdigest() in pins
+        if check_hashes and "--require-hashes" in argv and not pinned:
+            raise SourceError(f"{requirement}: sha256 does not match the pinned hash")
+        if requirement.startswith("bigbench=="):
+            if prepared is not None:
+                prepared.append(requirement)
+            name = sources.BIGBENCH_SDIST_NAME
+        else:  # The legacy pip wheel, fetched when this pip is too new.
+            name = "pip-25.2-py3-none-any.whl"
         dest = Path(argv[argv.index("-d") + 1])
         dest.mkdir(parents=True, exist_ok=True)
-        if "bigbench==1.0.0" in argv:
-            (dest / sources.BIGBENCH_SDIST_NAME).write_bytes(payload)
-        else:  # The legacy pip wheel, fetched when this pip is too new.
-            (dest / "pip-25.2-py3-none-any.whl").write_bytes(b"zip")
+        (dest / name).write_bytes(content)
 
     return run
 
 
-def test_ensure_sdist_downloads_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ensure_sdist_downloads_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, legacy_pip: None
+) -> None:
     import hashlib
 
     payload = b"pretend sdist"
-    calls: list[list[str]] = []
+    calls: list[PipCall] = []
     monkeypatch.setattr(sources, "BIGBENCH_SDIST_SHA256", hashlib.sha256(payload).hexdigest())
     monkeypatch.setattr(sources, "_run_pip", _fake_pip(payload, calls))
     cache = tmp_path / "cache"
     path = ensure_bigbench_sdist(cache)
     assert path.read_bytes() == payload
     assert sorted(p.name for p in cache.iterdir()) == [sources.BIGBENCH_SDIST_NAME]
-    download = next(c for c in calls if "bigbench==1.0.0" in c)
-    assert {"--no-deps", "--no-binary", ":all:"} <= set(download)
+    download = next(c for c in calls if c.requirement == "bigbench==1.0.0")
+    assert {"--no-deps", "--no-binary", ":all:"} <= set(download.argv)
+
+
+def test_ensure_sdist_pins_the_sdist_and_the_pip_wheel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, legacy_pip: None
+) -> None:
+    import hashlib
+
+    payload = b"pretend sdist"
+    calls: list[PipCall] = []
+    monkeypatch.setattr(sources, "BIGBENCH_SDIST_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(sources, "_run_pip", _fake_pip(payload, calls))
+    ensure_bigbench_sdist(tmp_path)
+    fetch_pip, fetch_sdist = calls
+    # Both downloads in hash-checking mode, each pinned to the module's hash.
+    assert "--require-hashes" in fetch_pip.argv
+    assert (fetch_pip.requirement, fetch_pip.pins) == (
+        "pip==25.2",
+        {sources._LEGACY_PIP_WHEEL_SHA256},
+    )
+    assert _runs_wheel(fetch_sdist.argv) and "--require-hashes" in fetch_sdist.argv
+    assert (fetch_sdist.requirement, fetch_sdist.pins) == (
+        "bigbench==1.0.0",
+        {sources.BIGBENCH_SDIST_SHA256},
+    )
+    # Build dependencies fetched for an isolated build would be covered by no hash.
+    assert "--no-build-isolation" in fetch_sdist.argv
 
 
 def test_ensure_sdist_rejects_a_bad_download(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, legacy_pip: None
 ) -> None:
     monkeypatch.setattr(sources, "_run_pip", _fake_pip(b"tampered", []))
     with pytest.raises(SourceError, match="sha256"):
         ensure_bigbench_sdist(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tampered_sdist_is_refused_before_its_setup_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, legacy_pip: None
+) -> None:
+    prepared: list[str] = []
+    monkeypatch.setattr(sources, "_run_pip", _fake_pip(b"tampered", [], prepared))
+    with pytest.raises(SourceError, match="sha256"):
+        ensure_bigbench_sdist(tmp_path)
+    assert prepared == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("check_hashes", [True, False])
+def test_a_tampered_pip_wheel_never_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, legacy_pip: None, check_hashes: bool
+) -> None:
+    import hashlib
+
+    payload = b"pretend sdist"
+    calls: list[PipCall] = []
+    monkeypatch.setattr(sources, "BIGBENCH_SDIST_SHA256", hashlib.sha256(payload).hexdigest())
+    fake = _fake_pip(payload, calls, wheel=b"tampered wheel", check_hashes=check_hashes)
+    monkeypatch.setattr(sources, "_run_pip", fake)
+    # Refused by pip's hash check, or (should a file get past pip) by the module's own.
+    with pytest.raises(SourceError, match="sha256"):
+        ensure_bigbench_sdist(tmp_path)
+    assert not any(_runs_wheel(c.argv) for c in calls)
     assert list(tmp_path.iterdir()) == []
 
 

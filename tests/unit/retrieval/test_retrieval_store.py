@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 
 from retrieval import store as store_mod
-from retrieval.store import (
-    DB_FILE,
-    INDEX_FILE,
-    DemonstrationStore,
-    NewDemo,
-    StoreError,
-    ValidationError,
-)
+from retrieval import store_limits
+from retrieval.store import DB_FILE, INDEX_FILE, DemonstrationStore
+from retrieval.store_types import NewDemo, StoreError, ValidationError
 
 DIM = 16
 Vectors = Callable[..., np.ndarray]
@@ -92,7 +87,7 @@ def test_k_zero_and_empty_store(tmp_path: Path, unit_vectors: Vectors) -> None:
         NewDemo(task="t", input="x", output="   "),
         NewDemo(task="t", input="", output="y"),
         NewDemo(task="", input="x", output="y"),
-        NewDemo(task="t", input="x" * (store_mod.MAX_INPUT_CHARS + 1), output="y"),
+        NewDemo(task="t", input="x" * (store_limits.MAX_INPUT_CHARS + 1), output="y"),
         NewDemo(task="t", input="x", output="y", definition="d" * 20_000),
         NewDemo(task="t", input="x\x00", output="y"),
         NewDemo(task="t", input="x", output=None),  # type: ignore[arg-type]
@@ -128,7 +123,7 @@ def test_bad_vectors_write_nothing(tmp_path: Path, unit_vectors: Vectors) -> Non
 def test_over_the_add_limit(
     tmp_path: Path, unit_vectors: Vectors, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_mod, "MAX_ADD", 4)
+    monkeypatch.setattr(store_limits, "MAX_ADD", 4)
     with DemonstrationStore.open(tmp_path, DIM) as store:
         with pytest.raises(ValidationError, match="at most 4"):
             store.add(demos(5), unit_vectors(5, DIM))
@@ -171,7 +166,7 @@ def test_a_failing_commit_writes_nothing(tmp_path: Path, unit_vectors: Vectors) 
 def test_search_argument_checks(tmp_path: Path, unit_vectors: Vectors) -> None:
     q = unit_vectors(1, DIM)[0]
     with DemonstrationStore.open(tmp_path, DIM) as store:
-        for bad_k in (-1, store_mod.MAX_K + 1, 2.5, True):
+        for bad_k in (-1, store_limits.MAX_K + 1, 2.5, True):
             with pytest.raises(ValidationError):
                 store.search(q, bad_k)  # type: ignore[arg-type]
         with pytest.raises(ValidationError):
@@ -492,3 +487,11 @@ def test_concurrent_searches_while_writing(
             t.join()
         assert store.count() == 100 + 5 * 50
     assert not errors
+
+
+def test_ids_that_are_not_ours_are_ignored_not_errors() -> None:
+    from retrieval.store_types import demo_id, parse_id
+
+    assert parse_id(demo_id(12)) == 12
+    for value in ("d²", "d\u0661\u0662", "d", "x12", "d-1", "d 1", 12, None):
+        assert parse_id(value) is None, value

@@ -28,6 +28,7 @@ WRITER = """
 import sys
 import numpy as np
 from retrieval import store as m
+from retrieval.store_types import NewDemo
 
 m.PERSIST_MIN_CHANGES = 300  # Persist the index often, so kills land mid-persist too.
 path, kind, seed, run, dim, size = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
@@ -39,7 +40,7 @@ while True:
     v = rng.standard_normal((size, dim)).astype("float32")
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     records = [
-        m.NewDemo(task=f"t{batch % 3}", input=f"r{run} b{batch} i{i}", output="o")
+        NewDemo(task=f"t{batch % 3}", input=f"r{run} b{batch} i{i}", output="o")
         for i in range(size)
     ]
     ids = store.add(records, v)

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from routing.adapter_meta import AdapterMeta, Prototype, write_meta
-from routing.training import ALL_LINEAR, Recipe, recipe_from_json
-from serve.cli.adapters import add_adapters_parser, format_table, library_rows, recipe_from_args
+from routing.training.loop import StepReport
+from routing.training.recipe import ALL_LINEAR, Recipe, recipe_from_json
+from serve.cli.adapters import (
+    StepDisplay,
+    add_adapters_parser,
+    format_table,
+    library_rows,
+    recipe_from_args,
+)
 from serve.cli.main import main
 
 BASE = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}
@@ -101,3 +110,23 @@ def test_list_shows_every_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_table_aligns_columns() -> None:
     assert format_table(["a", "bb"], [["ccc", "d"]]) == "a    bb\nccc  d"
+
+
+def test_training_shows_one_bar_per_adapter(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal, even under -s
+    display = StepDisplay()
+    with caplog.at_level(logging.INFO, logger="crosstask"):
+        # The generalist resumed at step 2 of 4; then a specialist from its first step.
+        for step in (3, 4):
+            display(StepReport("generalist", step, 4, 0.5, 100 * step, float(step)))
+        assert display.bar is None  # closed with its last step
+        display(StepReport("spec-0", 1, 2, 2.0, 50, 1.0))
+        assert display.bar is not None and display.bar.label == "spec-0"
+        assert (display.bar.done, display.bar.total) == (1, 2)
+        display(StepReport("spec-0", 2, 2, 1.0, 100, 2.0))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2  # Off a terminal: a line at the end of each (none within 30 s).
+    assert lines[0].startswith("generalist: 4/4 step, loss 0.500, tokens/s 100,")
+    assert lines[1].startswith("spec-0: 2/2 step, loss 1.000, tokens/s 50,")

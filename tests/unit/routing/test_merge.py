@@ -25,10 +25,10 @@ from tests.integration.lora_fixtures import make_random_lora
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    from serve.default_model import prepare_default_model
+    from serve.default_model import ensure_default_model
 
     home = Path(os.environ.get("CROSSTASK_HOME", "~/.cache/crosstask")).expanduser()
-    return prepare_default_model(home)
+    return ensure_default_model(home)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from routing.adapter_meta import read_meta
 from routing.registry import BaseShapes, inspect_adapter
 from routing.service import default_library
-from routing.training import GENERALIST, RECIPE_FILE, read_recipe
+from routing.training.recipe import GENERALIST, RECIPE_FILE, read_recipe
 
 MAX_LIBRARY_BYTES = 30 * 1024 * 1024
 EMBEDDER = "all-MiniLM-L6-v2"

@@ -26,39 +26,41 @@ from routing.adapter_meta import (
     base_signature,
     read_meta,
 )
-from routing.training import (
-    ALL_LINEAR,
+from routing.training.data import (
     IGNORE,
-    AdapterSettings,
-    AdapterSpec,
-    DataConfig,
-    LibraryInputs,
-    Progress,
-    Recipe,
-    RunOptions,
-    SpecialistSettings,
-    TrainConfig,
     TrainExample,
-    TrainingError,
+    collate,
+    plan_batches,
+    prepare_task,
+    render_ids,
+    request_turns,
+    split_task,
+    target_ids,
+)
+from routing.training.library import LibraryInputs, build_library, save_adapter
+from routing.training.loop import (
+    RunOptions,
+    StepReport,
     _load_checkpoint,
     answer_loss,
-    build_library,
-    collate,
     init_lora_from,
     learning_rate,
     load_base,
     lora_model,
-    plan_batches,
-    prepare_task,
-    read_recipe,
-    recipe_from_json,
-    render_ids,
-    request_turns,
-    save_adapter,
-    split_task,
-    target_ids,
     train_adapter,
     trainable_state,
+)
+from routing.training.recipe import (
+    ALL_LINEAR,
+    AdapterSettings,
+    AdapterSpec,
+    DataConfig,
+    Recipe,
+    SpecialistSettings,
+    TrainConfig,
+    TrainingError,
+    read_recipe,
+    recipe_from_json,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -331,7 +333,7 @@ def test_resumed_training_ends_with_the_same_weights(
     )
     assert whole_result.steps == 6
 
-    def stop_at_3(p: Progress) -> None:
+    def stop_at_3(p: StepReport) -> None:
         if p.step == 3:
             raise _Interrupt
 

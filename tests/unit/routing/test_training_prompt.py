@@ -19,8 +19,9 @@ import pytest
 
 from retrieval.prompt import Demonstration
 from retrieval.sources import Example, Task
-from retrieval.store import Hit
-from routing.training import DataConfig, render_ids, training_prompt
+from retrieval.store_types import Hit
+from routing.training.data import render_ids, training_prompt
+from routing.training.recipe import DataConfig
 from serve.engine.engine import Engine
 from serve.engine.types import GenerationParams
 from serve.metrics import Metrics

@@ -1,76 +1,33 @@
-"""The suite's one real server: `crosstask serve` as a subprocess, with the real vLLM engine
-and the embedded default model, API keys on. Tests talk to it over HTTP only."""
+"""The session's real server, shared by tests/integration and tests/reliability:
+`crosstask serve` with the real vLLM engine and the embedded default model, API keys on,
+a copy of the default store and a small test adapter library. Tests talk to it over HTTP
+only (tests/server.py starts it)."""
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-MODEL = "smollm2-135m-instruct"
-STARTUP_TIMEOUT_S = 300
-
-
-@dataclass
-class Server:
-    base_url: str
-    api_key: str
-    admin_key: str
-    model: str
-    model_dir: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def v1(self) -> str:
-        return f"{self.base_url}/v1"
-
-    def headers(self, key: str | None = None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {key or self.api_key}"}
-
-    def metric(self, name: str) -> float:
-        """The value of an unlabelled metric sample from /metrics."""
-        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
-        match = re.search(rf"^{re.escape(name)} ([0-9.eE+-]+)$", text, re.MULTILINE)
-        if match is None:
-            raise AssertionError(f"metric {name} not in /metrics")
-        return float(match.group(1))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _crosstask_home() -> Path:
-    return Path(os.environ.get("CROSSTASK_HOME", "~/.cache/crosstask")).expanduser()
+from tests.server import Server, crosstask_home, launch, stop
 
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from serve.default_model import prepare_default_model
+    from serve.default_model import ensure_default_model
 
-    return prepare_default_model(_crosstask_home())
+    return ensure_default_model(crosstask_home())
 
 
 @pytest.fixture(scope="session")
 def store_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the default store: the tests write to it, the user's stays as built."""
-    from serve.prepare import prepare_defaults
+    from serve.defaults import ensure_defaults
 
-    defaults = prepare_defaults(_crosstask_home())
+    defaults = ensure_defaults(crosstask_home())
     copy = tmp_path_factory.mktemp("store") / "store"
     shutil.copytree(defaults.store_dir, copy, ignore=shutil.ignore_patterns("LOCK"))
     return copy
@@ -122,11 +79,9 @@ def adapters_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def server(
     model_dir: Path, store_dir: Path, adapters_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ)
     env.update(
-        CROSSTASK_HOME=str(_crosstask_home()),
+        CROSSTASK_HOME=str(crosstask_home()),
         CROSSTASK_API_KEYS="test-key-1,test-key-2",
         CROSSTASK_ADMIN_KEY="test-admin-key",
         CROSSTASK_STORE=str(store_dir),
@@ -143,54 +98,18 @@ def server(
         # compare like with like; retrieval tests ask explicitly.
         CROSSTASK_DEFAULT_K="0",
     )
-    command = [
-        sys.executable,
-        "-m",
-        "serve.cli",
-        "serve",
-        "--port",
-        str(port),
-        # Eager mode starts in ~20 s instead of ~60 s; speed is measured in bench/.
-        "--enforce-eager",
-        "--max-model-len",
-        "2048",
-        "--kv-cache-gb",
-        "1",
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    started = launch(
+        tmp_path_factory.mktemp("server") / "server.log",
+        env,
+        ["--enforce-eager", "--max-model-len", "2048", "--kv-cache-gb", "1"],
+        model_dir,
+        api_key="test-key-1",
+        admin_key="test-admin-key",
+    )
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}"
-                )
-            try:
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield Server(
-            base_url=base_url,
-            api_key="test-key-1",
-            admin_key="test-admin-key",
-            model=MODEL,
-            model_dir=model_dir,
-            process=process,
-            log_path=log_path,
-        )
+        yield started
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(started.process)
 
 
 @pytest.fixture(scope="session")

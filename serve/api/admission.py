@@ -17,16 +17,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serve.api.body_limit import body_too_large, content_length, limited_receive
 from serve.errors import APIError
-
-if TYPE_CHECKING:
-    from serve.api.state import ServerState
+from serve.settings import Settings
 
 # The routes whose requests occupy the engine; the ones admission control bounds.
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -90,32 +88,26 @@ class RequestGate:
         self.generation -= 1
 
 
-def engine_slots(state: ServerState) -> int:
+def engine_slots(engine: object, settings: Settings) -> int:
     """Sequences the engine runs at once: the engine's own figure when it reports one
     (`Engine.max_num_seqs`), else the configured one, else vLLM's CPU default."""
-    reported = getattr(state.engine, "max_num_seqs", None)
+    reported = getattr(engine, "max_num_seqs", None)
     if isinstance(reported, int) and reported > 0:
         return reported
-    return state.settings.max_num_seqs or FALLBACK_MAX_NUM_SEQS
+    return settings.max_num_seqs or FALLBACK_MAX_NUM_SEQS
 
 
-class BodyTooLargeError(HTTPException):
-    """Raised from `receive` once a body grows past the limit; FastAPI re-raises
-    HTTPExceptions from body reading, so it reaches the exception handlers as a 413."""
+class AdmittingState(Protocol):
+    """What admission reads of the server's state (serve/api/state.py)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"The request body is larger than the limit of {limit} bytes.")
-        self.limit = limit
+    settings: Settings
+    gate: RequestGate
 
+    @property
+    def ready(self) -> bool: ...
 
-def body_too_large(limit: int) -> APIError:
-    return APIError(
-        f"The request body is larger than the limit of {limit} bytes.",
-        413,
-        "invalid_request_error",
-        None,
-        "request_too_large",
-    )
+    @property
+    def draining(self) -> bool: ...
 
 
 async def send_error(send: Send, error: APIError, retry_after: int | None = None) -> None:
@@ -133,23 +125,13 @@ async def send_error(send: Send, error: APIError, retry_after: int | None = None
     await send({"type": "http.response.body", "body": payload})
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-class LimitsMiddleware:
+class AdmissionMiddleware:
     """Refuses, before any route runs: /v1 requests while draining (503), generation
     requests past the admission bound (429), bodies past the size limit (413, from the
     Content-Length header at once, else as the body arrives). Counts what is in flight
     for admission and for the drain."""
 
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+    def __init__(self, app: ASGIApp, state: AdmittingState) -> None:
         self.app = app
         self.state = state
 
@@ -183,7 +165,7 @@ class LimitsMiddleware:
                 )
                 return
             limit = settings.max_body_bytes
-            declared = _content_length(scope)
+            declared = content_length(scope)
             if declared is not None and declared > limit:
                 gate.rejected.labels(reason="body_too_large").inc()
                 await send_error(send, body_too_large(limit))
@@ -204,47 +186,9 @@ class LimitsMiddleware:
                     )
                     return
                 admitted = True
-            await self.app(scope, _limited(receive, limit, gate), send)
+            refused = gate.rejected.labels(reason="body_too_large").inc
+            await self.app(scope, limited_receive(receive, limit, refused), send)
         finally:
             gate.requests -= 1
             if admitted:
                 gate.release()
-
-
-def _limited(receive: Receive, limit: int, gate: RequestGate) -> Receive:
-    received = 0
-
-    async def limited_receive() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                gate.rejected.labels(reason="body_too_large").inc()
-                raise BodyTooLargeError(limit)
-        return message
-
-    return limited_receive
-
-
-def find_lone_surrogate(value: Any, path: str = "") -> str | None:
-    """The path of the first string holding a lone UTF-16 surrogate (JSON allows the
-    escape "\\ud800", but such text cannot be encoded as UTF-8: the tokenizer and the
-    engine's wire format fail on it), or None when every string is valid Unicode."""
-    stack: list[tuple[Any, str]] = [(value, path)]
-    while stack:
-        item, where = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return where or "(body)"
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                # The path goes into an error message: keep it encodable itself.
-                name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
-                stack.append((key, where))
-                stack.append((child, f"{where}.{name}" if where else name))
-        elif isinstance(item, list):
-            stack.extend((child, f"{where}.{i}") for i, child in enumerate(item))
-    return None

@@ -4,16 +4,16 @@ model and the demonstration store built from the seen tasks."""
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.default_model import prepare_default_model
+from serve.default_model import ensure_default_model
+from serve.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
 # Examples per seen task in the default store: ~6,000 in all, enough for every task to be
-# found; built in about a minute on 2 cores.
+# found, and quick to build on a small CPU (docs/retrieval.md, "The default store").
 DEFAULT_PER_TASK = 60
 DEFAULT_SEED = 0
 
@@ -37,16 +37,16 @@ def embedder_cache(home: Path) -> Path:
     return home / "embedders"
 
 
-def prepare_defaults(home: Path, embedder_dir: Path | None = None) -> Defaults:
-    model_dir = prepare_default_model(home)
+def ensure_defaults(home: Path, embedder_dir: Path | None = None) -> Defaults:
+    model_dir = ensure_default_model(home)
     store_dir = default_store_dir(home)
     if not store_dir.exists():
         build_default_store(home, store_dir, embedder_dir)
-    prepare_store_embedder(home, store_dir, embedder_dir)
+    ensure_store_embedder(home, store_dir, embedder_dir)
     return Defaults(model_dir=model_dir, store_dir=store_dir)
 
 
-def prepare_store_embedder(home: Path, store_dir: Path, embedder_dir: Path | None) -> None:
+def ensure_store_embedder(home: Path, store_dir: Path, embedder_dir: Path | None) -> None:
     """Export the ONNX model the store was embedded with, if it is not cached (the cache
     may have been cleared since the build), so the server never exports at start-up."""
     from retrieval.embedder import default_model_dir, store_backend
@@ -66,7 +66,7 @@ def build_default_store(home: Path, out: Path, embedder_dir: Path | None) -> Non
     from retrieval.sources import default_seen_tasks
 
     log.info("Building the default demonstration store from the seen tasks into %s", out)
-    build_store_cli(
+    build_bigbench_store(
         out=out,
         tasks=default_seen_tasks(),
         exclude=[],
@@ -78,7 +78,7 @@ def build_default_store(home: Path, out: Path, embedder_dir: Path | None) -> Non
     )
 
 
-def build_store_cli(
+def build_bigbench_store(
     *,
     out: Path,
     tasks: list[str],
@@ -92,9 +92,7 @@ def build_store_cli(
     backend: str = "auto",
     quantize: str | None = None,
 ) -> None:
-    """Build a store with a progress bar (examples/s) on a terminal, log lines elsewhere."""
-    from tqdm import tqdm
-
+    """Build a store from BIG-bench tasks, showing progress (tasks, examples/s)."""
     from retrieval.build import BuildProgress, build_store
     from retrieval.embedder import Embedder
     from retrieval.sources import BigBenchSource, ensure_bigbench_sdist
@@ -108,19 +106,10 @@ def build_store_cli(
         embedder_dir, backend=backend, quantize=quantize, cache_dir=embedder_cache(home)
     )
     log.info("Embedder: %s on %s, %s weights", embedder.name, embedder.backend, embedder.quantize)
-    bar = tqdm(total=len(tasks), unit="task", disable=not sys.stderr.isatty())
+    bar = ProgressBar("store build", "tasks", total=len(tasks), period=10.0)
 
     def progress(p: BuildProgress) -> None:
-        bar.update(1)
-        bar.set_postfix(examples=p.examples_done, per_s=f"{p.examples_per_s:.0f}")
-        if bar.disable and (p.tasks_done % 10 == 0 or p.tasks_done == p.tasks_total):
-            log.info(
-                "store build: %d/%d tasks, %d examples, %.0f examples/s",
-                p.tasks_done,
-                p.tasks_total,
-                p.examples_done,
-                p.examples_per_s,
-            )
+        bar.advance(postfix={"examples": str(p.examples_done), "per s": f"{p.examples_per_s:.0f}"})
 
     report = build_store(
         out, source, tasks, embedder, per_task, exclude, seed, progress, overwrite=overwrite
