@@ -10,6 +10,7 @@ prototype; an adapter without it can be asked for by name but is never chosen by
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -94,13 +95,34 @@ def _layer_index(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _shown(path: Path, limit: int = 120) -> str:
+    """The path as the caller gave it, cut short: a message need not echo kilobytes."""
+    text = str(path)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _path_error(path: Path, exc: OSError) -> AdapterError:
+    """What the file system refused about a path below the root, as the caller's error.
+    Only the path as given is named: the resolved one would show the server's folders."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return AdapterError(f"adapter path {_shown(path)} does not exist", "adapter_not_found", 404)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return AdapterError(
+            f"adapter path {_shown(path)} cannot be read (permission denied)",
+            "adapter_path_forbidden",
+            403,
+        )
+    reason = {
+        errno.ENAMETOOLONG: "a name in it, or the whole path, is too long",
+        errno.ELOOP: "it runs into a loop of symbolic links",
+    }.get(exc.errno or 0, exc.strerror or "it cannot be read")
+    return AdapterError(f"adapter path {_shown(path)}: {reason}", "invalid_adapter_path")
+
+
 def inspect_adapter(
     name: str, path: Path, root: Path, base: BaseShapes, max_rank: int, embedder: str | None
 ) -> Adapter:
     """The checked adapter in `path`, or AdapterError saying what is wrong with it."""
-    import torch
-    from safetensors.torch import load_file
-
     if not NAME_PATTERN.match(name) or name.startswith(RESERVED_PREFIX):
         raise AdapterError(
             f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', not starting "
@@ -115,12 +137,32 @@ def inspect_adapter(
         resolved = candidate.resolve(strict=False)
     except (OSError, RuntimeError):  # a symlink loop
         resolved = resolved_root.parent
+    except ValueError:  # a NUL byte, or text that no file name can encode
+        raise AdapterError(
+            f"adapter path {_shown(path)} is not a valid path", "invalid_adapter_path"
+        ) from None
     if not resolved.is_relative_to(resolved_root) or resolved == resolved_root:
         raise AdapterError(
             f"adapter path {str(path)!r} is outside the adapters root",
             "adapter_path_forbidden",
             403,
         )
+    try:
+        return _inspect_folder(name, path, resolved, base, max_rank, embedder)
+    except OSError as exc:
+        # The folder's checks stat and open files below a path from the request; what the
+        # file system refuses there (a name too long, a symlink loop, no permission) is a
+        # 4xx about that path, not a server fault.
+        raise _path_error(path, exc) from None
+
+
+def _inspect_folder(
+    name: str, path: Path, resolved: Path, base: BaseShapes, max_rank: int, embedder: str | None
+) -> Adapter:
+    """inspect_adapter's checks of the folder `resolved`, confined below the root."""
+    import torch
+    from safetensors.torch import load_file
+
     if not resolved.exists():
         raise AdapterError(f"adapter path {str(path)!r} does not exist", "adapter_not_found", 404)
     if not resolved.is_dir():
