@@ -8,17 +8,32 @@ from retrieval.rwlock import RWLock
 
 def test_readers_share() -> None:
     lock = RWLock()
-    inside = threading.Barrier(3, timeout=5)
+    readers = 3
+    # Each reader waits inside the lock for all the others, so the barrier opens only when
+    # every reader holds the lock at once; a lock that lets one in at a time breaks it.
+    inside = threading.Barrier(readers, timeout=5)
+    through: list[int] = []
+    errors: list[BaseException] = []
 
-    def reader() -> None:
-        with lock.read():
-            inside.wait()  # All three are inside at once, or this times out.
+    def reader(i: int) -> None:
+        # A thread's exception never reaches pytest: it is handed to the main thread here.
+        try:
+            with lock.read():
+                inside.wait()
+            through.append(i)
+        except BaseException as exc:
+            errors.append(exc)
 
-    threads = [threading.Thread(target=reader) for _ in range(3)]
+    # Daemon threads: one stuck for good in the lock cannot keep the test run from exiting.
+    threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(readers)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 10
     for t in threads:
-        t.join()
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not [t.name for t in threads if t.is_alive()], "readers still blocked in the lock"
+    assert errors == [], f"the readers were not all inside at once: {errors!r}"
+    assert sorted(through) == list(range(readers))
 
 
 def test_writer_excludes_readers_and_is_not_starved() -> None:
