@@ -5,7 +5,7 @@ SIGKILL and rerun ends with exactly one line per input line.
 vLLM 0.32's run-batch serves only /v1/chat/completions and stops at a line it cannot parse,
 so the shared file's bad lines are the ones it answers with an error line (unknown url,
 unknown model, stream, a prompt over the context); the unparseable kinds are covered in
-tests/unit/test_batch.py."""
+tests/unit/serve/test_batch.py."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ int64 and float, NaN, lone surrogates, long lines), the job
   finishes to the same result on a rerun;
 - splits into shards that cover every line exactly once.
 
-tests/unit/test_batch.py has the worked examples; this file searches for counterexamples."""
+tests/unit/serve/test_batch.py has the worked examples; this file searches for counterexamples."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serve.batch import CHAT_URL, COMPLETIONS_URL, BatchSummary, Shard, merge_outputs, parse_line
-from tests.unit.test_batch import runner
+from tests.unit.serve.test_batch import runner
 
 PROPERTY_SETTINGS = settings(
     max_examples=100,

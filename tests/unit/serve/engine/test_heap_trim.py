@@ -13,7 +13,7 @@ import pytest
 
 from serve.engine import heap_trim
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 
 # Fills ~200 MiB with 4 KB blocks (above pymalloc's limit, so glibc's malloc holds them),
 # frees 15 in 16, and prints resident MiB at the start, after the frees and after the trim.

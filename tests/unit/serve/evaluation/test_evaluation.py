@@ -232,7 +232,7 @@ def test_sample_takes_everything_when_the_limit_allows() -> None:
 
 def test_sample_does_not_depend_on_the_hash_seed() -> None:
     code = (
-        "from tests.unit.test_evaluation import _alpha;"
+        "from tests.unit.serve.evaluation.test_evaluation import _alpha;"
         "from serve.evaluation.items import sample_items;"
         "print([i.index for i in sample_items(_alpha(), 3, 7)])"
     )

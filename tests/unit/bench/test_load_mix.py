@@ -18,7 +18,7 @@ import openai
 import openai._base_client
 import pytest
 
-LOAD_PY = Path(__file__).resolve().parents[2] / "bench" / "load.py"
+LOAD_PY = Path(__file__).resolve().parents[3] / "bench" / "load.py"
 
 
 def _load() -> ModuleType:
