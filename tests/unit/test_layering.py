@@ -32,14 +32,24 @@ def in_fresh_process(root: Path, *argv: str) -> subprocess.CompletedProcess[str]
     )
 
 
+# The editable install's import hook comes before PYTHONPATH: without it, the packages
+# at `root` are the ones imported.
+WITHOUT_EDITABLE_HOOK = (
+    "import sys; sys.meta_path[:] = "
+    "[f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
+)
+
+
 def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     """import-linter's own command on the project (or a copy) at `root`."""
     code = "from importlinter.cli import lint_imports_command; lint_imports_command()"
-    return in_fresh_process(root, "-c", code, "--no-cache")
+    return in_fresh_process(root, "-c", WITHOUT_EDITABLE_HOOK + code, "--no-cache")
 
 
 def file_cycles(root: Path) -> list[list[str]]:
-    result = in_fresh_process(root, __file__)
+    run_this_file = f"import runpy; runpy.run_path({str(__file__)!r}, run_name='__main__')"
+    code = WITHOUT_EDITABLE_HOOK + run_this_file
+    result = in_fresh_process(root, "-c", code)
     assert result.returncode == 0, result.stderr
     return [list(c) for c in json.loads(result.stdout)]
 
