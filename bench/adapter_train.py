@@ -64,7 +64,7 @@ from routing.training.data import (
     examples_from_records,
     examples_to_records,
     plan_batches,
-    prepare_task,
+    task_examples,
 )
 from routing.training.loop import RunOptions, answer_loss, load_base, lora_model, train_adapter
 from routing.training.recipe import AdapterSettings, AdapterSpec, DataConfig, TrainConfig
@@ -126,7 +126,7 @@ def real_examples(every: int, per_task: int, max_seq_len: int) -> list[TrainExam
     tokenizer = load_base_tokenizer()
     examples: list[TrainExample] = []
     for task in source.tasks(names):
-        found, _ = prepare_task(task, per_task, data, tokenizer, demos)
+        found, _ = task_examples(task, per_task, data, tokenizer, demos)
         examples += found
     demos.close()
     return examples

@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-PROMPT_FORMATS = ("plain", "chat")
-
 
 @dataclass(frozen=True)
 class Demonstration:

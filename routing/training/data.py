@@ -175,14 +175,14 @@ class StoreDemoSource:
 
 
 @dataclass
-class PreparedData:
+class TrainingData:
     """The training examples of every task of a recipe, and their query embeddings."""
 
     examples: dict[str, list[TrainExample]]  # per task, in seeded order
     queries: dict[str, np.ndarray]  # per task: (n, dim) embeddings, aligned with examples
 
     def trained(self, tasks: Iterable[str]) -> list[str]:
-        """The tasks among `tasks` that have training examples (see library._prepare_all)."""
+        """The tasks among `tasks` that have training examples (see library._training_data)."""
         return [t for t in tasks if self.examples.get(t)]
 
     def for_tasks(self, tasks: Iterable[str], per_task: int) -> list[TrainExample]:
@@ -198,7 +198,7 @@ def wants_demos(seed: int, task: str, index: int, fraction: float) -> bool:
     return random.Random(f"{seed}:demos:{task}:{index}").random() < fraction
 
 
-def prepare_task(
+def task_examples(
     task: Task,
     count: int,
     data: DataConfig,
@@ -358,7 +358,7 @@ def examples_from_records(records: Iterable[dict[str, Any]]) -> list[TrainExampl
     ]
 
 
-def save_prepared(path: Path, data: PreparedData) -> None:
+def save_training_data(path: Path, data: TrainingData) -> None:
     """The prepared examples and their query vectors in one .npz: a resumed build reads
     them back instead of embedding and retrieving again."""
     records = examples_to_records(ex for exs in data.examples.values() for ex in exs)
@@ -370,7 +370,7 @@ def save_prepared(path: Path, data: PreparedData) -> None:
     write_atomic(path, lambda fh: fh.write(buffer.getvalue()))
 
 
-def load_prepared(path: Path) -> PreparedData:
+def load_training_data(path: Path) -> TrainingData:
     with np.load(path) as npz:
         records = json.loads(npz["examples"].tobytes())
         tasks = json.loads(npz["tasks"].tobytes())
@@ -378,4 +378,4 @@ def load_prepared(path: Path) -> PreparedData:
     examples: dict[str, list[TrainExample]] = {t: [] for t in tasks}
     for ex in examples_from_records(records):
         examples[ex.task].append(ex)
-    return PreparedData(examples=examples, queries=queries)
+    return TrainingData(examples=examples, queries=queries)

@@ -37,11 +37,11 @@ from routing.adapter_meta import (
 from routing.grouping import Grouping, group_tasks, spherical_kmeans, task_means
 from routing.training.data import (
     DemoSource,
-    PreparedData,
     TrainExample,
-    load_prepared,
-    prepare_task,
-    save_prepared,
+    TrainingData,
+    load_training_data,
+    save_training_data,
+    task_examples,
 )
 from routing.training.loop import RunOptions, TrainResult, load_base, train_adapter
 from routing.training.recipe import (
@@ -142,7 +142,7 @@ class LibraryReport:
     trained: list[TrainResult]
     skipped: list[str]
     seconds: float
-    prepare_seconds: float
+    data_seconds: float
 
 
 @dataclass
@@ -173,8 +173,8 @@ def build_library(
     work = out / WORK_DIR
     model, tokenizer = load_base(inputs.model_dir)
     per_task = _per_task_needed(recipe)
-    data = _prepare_all(recipe, per_task, inputs, tokenizer, work)
-    prepare_seconds = time.perf_counter() - started
+    data = _training_data(recipe, per_task, inputs, tokenizer, work)
+    data_seconds = time.perf_counter() - started
     if recipe.specialists is not None and recipe.grouping is None:
         recipe = resolve_grouping(recipe, data)
     write_recipe(out / RECIPE_FILE, recipe)
@@ -264,7 +264,7 @@ def build_library(
         trained=trained,
         skipped=skipped,
         seconds=time.perf_counter() - started,
-        prepare_seconds=prepare_seconds,
+        data_seconds=data_seconds,
     )
 
 
@@ -297,13 +297,13 @@ def _per_task_needed(recipe: Recipe) -> dict[str, int]:
     return needed
 
 
-def _prepare_all(
+def _training_data(
     recipe: Recipe,
     per_task: dict[str, int],
     inputs: LibraryInputs,
     tokenizer: Any,
     work: Path,
-) -> PreparedData:
+) -> TrainingData:
     """Every task's training examples, cached in `work` (keyed by what they depend on)
     so that a resumed run does not embed and retrieve again."""
     key = hashlib.sha256(
@@ -319,14 +319,14 @@ def _prepare_all(
     cache = work / f"examples-{key}.npz"
     if cache.is_file():
         with contextlib.suppress(Exception):
-            return load_prepared(cache)
+            return load_training_data(cache)
     names = list(per_task)
     examples: dict[str, list[TrainExample]] = {}
     queries: dict[str, np.ndarray] = {}
     started = time.perf_counter()
     for done, task in enumerate(inputs.source.tasks(names), start=1):
         count = per_task[task.name]
-        found, vectors = prepare_task(task, count, recipe.data, tokenizer, inputs.demos)
+        found, vectors = task_examples(task, count, recipe.data, tokenizer, inputs.demos)
         if not found:
             # Every example is too long (a 3,000-character definition): the task is left
             # out, and not listed among the adapters' tasks, which say what was trained.
@@ -335,14 +335,14 @@ def _prepare_all(
         examples[task.name], queries[task.name] = found, vectors
         if done % 20 == 0 or done == len(names):
             log.info(
-                "prepared %d/%d tasks (%.0f s)", done, len(names), time.perf_counter() - started
+                "examples of %d/%d tasks ready (%.0f s)", done, len(names), time.perf_counter() - started
             )
-    data = PreparedData(examples={t: examples[t] for t in names}, queries=queries)
-    save_prepared(cache, data)
+    data = TrainingData(examples={t: examples[t] for t in names}, queries=queries)
+    save_training_data(cache, data)
     return data
 
 
-def resolve_grouping(recipe: Recipe, data: PreparedData) -> Recipe:
+def resolve_grouping(recipe: Recipe, data: TrainingData) -> Recipe:
     """Fill in the specialists' groups by clustering the tasks' mean training-query
     embeddings (routing.grouping), over every prepared example of each task (the more
     queries, the steadier a task's mean)."""

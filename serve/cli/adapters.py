@@ -320,7 +320,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"kept (already trained): {', '.join(report.skipped)}")
     print(
         f"library {report.out}: done in {report.seconds:.0f} s "
-        f"({report.prepare_seconds:.0f} s preparing examples)"
+        f"({report.data_seconds:.0f} s reading and tokenizing examples)"
     )
     return 0
 

@@ -33,9 +33,9 @@ def add_store_parser(sub: Any) -> None:
         "--embedder-backend",
         choices=("auto", "torch", "onnx"),
         default="auto",
-        help="auto (default): ONNX Runtime with int8 weights where onnxruntime is installed "
-        "and the export (cached in the home folder) matches torch, else torch. The store "
-        "records it; the server embeds queries the same way.",
+        help="auto (default): the measured default backend (torch today; "
+        "docs/retrieval.md); onnx: ONNX Runtime on the project's own export, cached in the "
+        "home folder. The store records it; the server embeds queries the same way.",
     )
     b.add_argument(
         "--embedder-quantize",

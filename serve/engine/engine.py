@@ -149,9 +149,6 @@ class Engine:
         room = int(scheduler.max_num_batched_tokens) - int(scheduler.max_num_seqs)
         return max(0, room // members)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
     def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, tokenize=True, return_dict=True

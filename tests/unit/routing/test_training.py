@@ -31,11 +31,11 @@ from routing.training.data import (
     TrainExample,
     collate,
     plan_batches,
-    prepare_task,
     render_ids,
     request_turns,
     split_task,
     target_ids,
+    task_examples,
 )
 from routing.training.library import LibraryInputs, build_library, save_adapter
 from routing.training.loop import (
@@ -210,7 +210,7 @@ def test_prepared_examples_mix_demonstrations_and_exclude_their_own_task(
     task = Task("t", "Repeat the input.", [Example(f"x{i}", f"x{i}", [f"x{i}"]) for i in range(40)])
     demos = _FakeDemos()
     data = DataConfig(demo_fraction=0.5, k=2, max_seq_len=256, holdout_per_task=4)
-    examples, vectors = prepare_task(task, 12, data, tokenizer, demos)
+    examples, vectors = task_examples(task, 12, data, tokenizer, demos)
     assert len(examples) == 12 and vectors.shape == (12, 8)
     with_demos = [ex for ex in examples if ex.demo_tasks]
     assert 0 < len(with_demos) < 12
@@ -219,15 +219,15 @@ def test_prepared_examples_mix_demonstrations_and_exclude_their_own_task(
     text = tokenizer.decode(with_demos[0].prompt_ids)
     assert "Reverse the word." in text and "drow0" in text
     # The same again: the coin per example is seeded.
-    again, _ = prepare_task(task, 12, data, tokenizer, _FakeDemos())
+    again, _ = task_examples(task, 12, data, tokenizer, _FakeDemos())
     assert again == examples
     # Demonstrations are dropped to fit demo_seq_len; the example itself stays.
     tight = DataConfig(demo_fraction=1.0, k=2, max_seq_len=256, demo_seq_len=40)
-    short, _ = prepare_task(task, 3, tight, tokenizer, _FakeDemos())
+    short, _ = task_examples(task, 3, tight, tokenizer, _FakeDemos())
     assert len(short) == 3 and all(ex.length <= 40 for ex in short)
     assert all(ex.demo_tasks == () for ex in short)
     # An example longer than max_seq_len is passed over.
-    assert prepare_task(task, 3, DataConfig(max_seq_len=20), tokenizer, None)[0] == []
+    assert task_examples(task, 3, DataConfig(max_seq_len=20), tokenizer, None)[0] == []
 
 
 # --------------------------------------------------------------------------- training

@@ -58,7 +58,6 @@ class _TokenizingEngine:
 
     render_chat = Engine.render_chat
     encode = Engine.encode
-    count_tokens = Engine.count_tokens
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
