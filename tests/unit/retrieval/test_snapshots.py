@@ -34,17 +34,7 @@ from retrieval.snapshots import (
 )
 from retrieval.store import DB_FILE, INDEX_FILE, DemonstrationStore
 from retrieval.store_index import VectorIndex
-from retrieval.store_types import NewDemo
-
-DIM = 16
-Vectors = Callable[..., np.ndarray]
-
-
-def demos(n: int, task: str = "t", start: int = 0) -> list[NewDemo]:
-    return [
-        NewDemo(task=task, input=f"{task} input {i}", output=f"out {i}", definition=f"def {task}")
-        for i in range(start, start + n)
-    ]
+from tests.unit.retrieval.test_store import DIM, Vectors, demos
 
 
 def open_snapshot(folder: Path) -> DemonstrationStore:
