@@ -335,7 +335,10 @@ def _training_data(
         examples[task.name], queries[task.name] = found, vectors
         if done % 20 == 0 or done == len(names):
             log.info(
-                "examples of %d/%d tasks ready (%.0f s)", done, len(names), time.perf_counter() - started
+                "examples of %d/%d tasks ready (%.0f s)",
+                done,
+                len(names),
+                time.perf_counter() - started,
             )
     data = TrainingData(examples={t: examples[t] for t in names}, queries=queries)
     save_training_data(cache, data)
