@@ -1,4 +1,5 @@
-"""The one error type of the request path, shaped like the OpenAI error body."""
+"""The errors of the server: the one error type of the request path, shaped like the OpenAI
+error body, and the start-up error."""
 
 from __future__ import annotations
 
@@ -62,3 +63,8 @@ def invalid_request(errors: Sequence[Any]) -> APIError:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
     return APIError(message, 400, "invalid_request_error", param, "invalid_request")
+
+
+class StartupError(RuntimeError):
+    """A setting that cannot be served (a missing folder, a folder of the wrong kind, a port
+    in use, too little shared memory): the server does not start."""

@@ -77,6 +77,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from serve.api.chat_completion.serving import ChatServing
     from serve.api.completion.serving import CompletionServing
     from serve.batch import BatchRunner, Shard
+    from serve.cli.preflight import check_shared_memory
     from serve.metrics import Metrics
     from serve.pipeline import Pipeline
     from serve.runtime import Startup
@@ -86,6 +87,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     shard = Shard.parse(args.shard) if args.shard else Shard()
     if not args.input.is_file():
         raise SystemExit(f"crosstask batch: no such input file: {args.input}")
+    check_shared_memory()
     startup = Startup.from_settings(settings, batch=True)
 
     async def run() -> dict[str, Any]:

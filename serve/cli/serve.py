@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import math
+import threading
 from types import FrameType
 from typing import Any
 
@@ -13,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from serve.cli.common import SERVE_FIELDS, add_engine_flags, configure_logging, settings_from_args
+from serve.cli.preflight import check_shared_memory, exit_now, listen
 
 log = logging.getLogger("crosstask")
 
@@ -76,6 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, ["host", "port", "api_keys", "admin_key", *SERVE_FIELDS])
     configure_logging(settings.log_level)
+    check_shared_memory()
+    sock = listen(settings.host, settings.port)
     startup = Startup.from_settings(settings)
     if settings.auth_enabled:
         log.info(
@@ -97,6 +101,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
         asyncio.get_running_loop().call_later(FATAL_LINGER_SECONDS, stop)
+        # The orderly stop cannot finish while a thread still loads the engine: whatever
+        # it is doing then, the process leaves once the grace is over.
+        backstop = threading.Timer(
+            FATAL_LINGER_SECONDS + FATAL_GRACE_SECONDS + 1, exit_now, (code, cause())
+        )
+        backstop.daemon = True
+        backstop.start()
+
+    def cause() -> str:
+        return app.state.crosstask.failure or "the server could not serve"
 
     app = create_app(settings, startup, on_fatal=fatal)
     config = uvicorn.Config(
@@ -114,7 +128,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.host,
         settings.port,
     )
-    server.run()
+    server.run(sockets=[sock])
+    if exit_code:
+        exit_now(exit_code, cause())
     return exit_code
 
 
