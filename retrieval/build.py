@@ -25,7 +25,8 @@ from retrieval import store_limits as limits
 from retrieval.durable import replace_dir
 from retrieval.query import QUERY_TEXT_VERSION, query_text
 from retrieval.sources import Example, Task, TaskSource
-from retrieval.store import DemonstrationStore
+from retrieval.store import DB_FILE, DemonstrationStore
+from retrieval.store_db import make_self_contained
 from retrieval.store_types import NewDemo
 
 T = TypeVar("T")
@@ -210,6 +211,7 @@ def build_store(
                 seed=str(seed),
             )
             kind = store.index_kind
+        make_self_contained(work / DB_FILE)
         replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -197,7 +198,7 @@ def open_replica(
     folder, snapshot = resolve(root)
     recorded = recorded_metadata(folder) if snapshot is None else snapshot_metadata(folder)
     embedder = load_embedder(recorded, embedder_dir)
-    store = open_store(folder, embedder, read_only=True, immutable=snapshot is not None)
+    store = open_store(folder, embedder, read_only=True, immutable=_immutable(folder, snapshot))
     retriever = Retriever(embedder, store)
     if reload_seconds > 0:
         retriever.follower = SnapshotFollower(
@@ -208,6 +209,16 @@ def open_replica(
             reload_seconds,
         )
     return retriever
+
+
+def _immutable(folder: Path, snapshot: str | None) -> bool:
+    """Read without locks or -wal/-shm files: a published snapshot, or a flat store in a
+    folder this process cannot write (SQLite could not open a WAL database there any other
+    way) that no writer has open (no write-ahead log beside it), such as one baked into an image."""
+    if snapshot is not None:
+        return True
+    wal = folder / f"{DB_FILE}-wal"
+    return not os.access(folder, os.W_OK) and (not wal.exists() or wal.stat().st_size == 0)
 
 
 def load_embedder(

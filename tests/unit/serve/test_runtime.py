@@ -10,7 +10,8 @@ import pytest
 from routing.service import default_library
 from serve.cli.common import SERVE_FIELDS, settings_from_args
 from serve.cli.main import build_parser
-from serve.runtime import StartupError, adapters_dir
+from serve.errors import StartupError
+from serve.runtime import adapters_dir
 
 
 def _parsed(monkeypatch: pytest.MonkeyPatch, *argv: str):  # type: ignore[no-untyped-def]
@@ -31,3 +32,42 @@ def test_another_folder_or_none(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert adapters_dir(settings) is None
     with pytest.raises(StartupError, match="no such folder"):
         adapters_dir(_parsed(monkeypatch, "--adapters", str(tmp_path / "missing")))
+
+
+def test_merges_go_where_the_user_can_write(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from serve import runtime
+
+    settings = _parsed(monkeypatch, "--home", str(tmp_path / "home"))
+    assert runtime.merge_dir(settings) == tmp_path / "home" / "merges"
+    # An image's CROSSTASK_HOME under a read-only root: the temporary folder instead.
+    monkeypatch.setattr(runtime.os, "access", lambda path, mode: False)
+    fallback = runtime.merge_dir(settings)
+    assert fallback.parent == Path(runtime.tempfile.gettempdir())
+
+
+def test_a_store_the_user_cannot_write_is_served_read_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from serve import runtime
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    opened: dict[str, object] = {}
+
+    class Opened:
+        publisher = follower = None
+        store = type("S", (), {"path": folder, "count": lambda self: 0, "index_kind": "flat"})()
+
+    def open_replica(folder: Path, embedder: object, **kwargs: object) -> Opened:
+        opened.update(kwargs)
+        return Opened()
+
+    monkeypatch.setattr(runtime, "open_replica", open_replica)
+    settings = _parsed(monkeypatch, "--store", str(folder))
+    runtime.retriever_opener(settings)()
+    assert opened["read_only"] is False
+    monkeypatch.setattr(runtime.os, "access", lambda path, mode: False)
+    runtime.retriever_opener(settings)()
+    assert opened["read_only"] is True
