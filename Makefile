@@ -20,7 +20,12 @@ INSTALL := $(PIP) install --quiet $(FIND_LINKS)
 # Re-install only when what we install from changes.
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: serve test setup prepare lint clean-venv
+# The CPU image (Dockerfile). IMAGE_BUILD_ARGS points the base image and the torch index at
+# mirrors or local stand-ins, e.g. --build-arg PYTHON_IMAGE=... --build-arg TORCH_CPU_INDEX_URL=...
+IMAGE ?= crosstask:cpu
+IMAGE_BUILD_ARGS ?=
+
+.PHONY: serve test setup prepare lint clean-venv image image-test
 
 serve: prepare
 	$(BIN)/crosstask serve --host $(HOST) --port $(PORT)
@@ -48,6 +53,13 @@ endif
 
 prepare: $(STAMP)
 	$(BIN)/crosstask prepare
+
+image:
+	docker build --network host --build-arg TARGET=cpu $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
+
+# Runs the image as deploy/ runs it (user, read-only root, tmpfs, env, args): tests/image.
+image-test: image $(STAMP)
+	CROSSTASK_IMAGE=$(IMAGE) $(BIN)/python -m pytest tests/image $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check serve retrieval routing tests bench

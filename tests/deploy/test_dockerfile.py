@@ -94,17 +94,23 @@ def test_two_targets_from_one_file():
     assert {"base-cpu", "base-gpu", "build", "prepare", "runtime"} <= aliases
     assert froms[-1].startswith("base-${TARGET}"), "the final stage is the chosen base"
     assert any(f.startswith("base-${TARGET}") and f.endswith("AS build") for f in froms)
-    # Registry images are pinned to a version tag, never latest or untagged.
+    # Registry images are build arguments (a mirror or a local stand-in may replace them)
+    # whose defaults are pinned to a version tag, never latest or untagged.
+    args = dict(rest.split("=", 1) for word, rest in ins if word == "ARG" and "=" in rest)
     for f in froms:
         image = f.split(" AS ")[0].strip()
         if image.startswith("base-") or image in aliases:
             continue
-        assert ":" in image and not image.endswith(":latest"), image
+        assert image.startswith("${") and image.endswith("}"), f"{image}: not a build argument"
+        default = args[image[2:-1]]
+        assert ":" in default and not default.endswith(":latest"), default
     base_cpu = next(f for f in froms if f.endswith("AS base-cpu"))
-    assert base_cpu.startswith("python:${PYTHON_VERSION}-slim")
+    assert args[base_cpu.split()[0][2:-1]].startswith("python:${PYTHON_VERSION}-slim")
     base_gpu = next(f for f in froms if f.endswith("AS base-gpu"))
-    assert base_gpu.startswith("nvidia/cuda:${CUDA_VERSION}-")
+    assert args[base_gpu.split()[0][2:-1]].startswith("nvidia/cuda:${CUDA_VERSION}-")
     text = DOCKERFILE.read_text()
+    # A `# syntax=` line would make BuildKit pull its frontend from a registry.
+    assert not text.startswith("# syntax=")
     assert re.search(r"^ARG PYTHON_VERSION=3\.11\.\d+$", text, re.M)
     assert re.search(r"^ARG CUDA_VERSION=\d+\.\d+\.\d+$", text, re.M)
 
