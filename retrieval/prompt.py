@@ -39,6 +39,12 @@ def _block(definition: str | None, input: str, output: str | None) -> str:
     return "\n".join(lines)
 
 
+def shaped_instruction(definition: str | None, input: str) -> str:
+    """A single instruction as the user turn after demonstrations asks it: "Definition:
+    ... Input: ..." (`crosstask eval`'s `zero_shaped` sends it without demonstrations)."""
+    return _block(definition, input, None).removesuffix("\nOutput:")
+
+
 def _with_shared_definitions(demos: Sequence[Demonstration]) -> list[str | None]:
     """Each demonstration's definition, or None where the previous one already gave it."""
     shown: list[str | None] = []
@@ -75,14 +81,13 @@ def chat_turns(
     rest = list(turns[len(head) :])
     shots: list[Turn] = []
     for demo, shown in zip(ordered, _with_shared_definitions(ordered), strict=True):
-        text = _block(shown, demo.input, None).removesuffix("\nOutput:")
+        text = shaped_instruction(shown, demo.input)
         shots += [Turn("user", text), Turn("assistant", demo.output.strip())]
     if not head and definition:
         head = [Turn("system", definition)]
     if len(rest) == 1 and rest[0].role == "user":
         # One instruction: ask it in the demonstrations' own shape.
-        shaped = _block(definition, rest[0].content, None).removesuffix("\nOutput:")
-        rest = [Turn("user", shaped)]
+        rest = [Turn("user", shaped_instruction(definition, rest[0].content))]
     return head + shots + rest
 
 

@@ -5,6 +5,10 @@ Concurrent requests' queries are embedded together: a request that arrives while
 is being encoded waits for the next batch instead of taking the embedder's lock alone,
 so 64 concurrent requests cost a few batched encodes rather than 64 single ones.
 
+Embeddings are cached by their text (bounded, least recently used first out): a task's
+definition, embedded for task-level retrieval, is embedded once, and a repeated request
+costs no encode. Two concurrent requests for one text share one encode.
+
 On a read-only replica the store can be replaced while serving (a newer snapshot, see
 snapshots.py): the embedder stays (the router shares it), searches in flight finish on
 the store they started with, and that store is closed once the last of them is done.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,10 +53,43 @@ class _Pending:
 
 
 @dataclass
+class EmbeddingCache:
+    """Unit-length embeddings by text, at most `size` of them (0: no cache). The vectors
+    are read-only arrays, shared by every request that asks for their text."""
+
+    size: int = 4096
+    hits: int = 0
+    misses: int = 0
+    _vectors: OrderedDict[str, np.ndarray] = field(default_factory=OrderedDict, repr=False)
+
+    def get(self, text: str) -> np.ndarray | None:
+        vector = self._vectors.get(text)
+        if vector is None:
+            self.misses += 1
+            return None
+        self._vectors.move_to_end(text)
+        self.hits += 1
+        return vector
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        vector.flags.writeable = False
+        self._vectors[text] = vector
+        self._vectors.move_to_end(text)
+        while len(self._vectors) > self.size:
+            self._vectors.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+
+@dataclass
 class Retriever:
     embedder: Embedder
     store: DemonstrationStore
     max_batch: int = 64
+    cache: EmbeddingCache = field(default_factory=EmbeddingCache)
     # The writer publishes snapshots of its store; a reader follows them.
     publisher: SnapshotPublisher | None = None
     follower: SnapshotFollower | None = None
@@ -71,6 +109,8 @@ class Retriever:
     # Searches running on each store (all on the event loop, so no lock): a replaced
     # store is closed when its count drops to zero.
     _searches: dict[DemonstrationStore, int] = field(default_factory=dict, init=False)
+    # Texts being encoded now, so that a second request for one waits for the first.
+    _inflight: dict[str, asyncio.Future[np.ndarray]] = field(default_factory=dict, init=False)
 
     def start(self) -> None:
         """Start the background work, on the running event loop: publishing snapshots
@@ -91,13 +131,22 @@ class Retriever:
             old.close()  # A read-only store: this closes its SQLite connections, quickly.
 
     async def embed(self, text: str) -> np.ndarray:
-        """The unit-length embedding of `text`, batched with concurrent callers."""
+        """The unit-length embedding of `text` (read-only): from the cache, or batched with
+        concurrent callers."""
+        cached = self.cache.get(text)
+        if cached is not None:
+            return cached
+        pending = self._inflight.get(text)
+        if pending is not None:
+            # shield: one caller giving up must not cancel the encode the others wait for.
+            return await asyncio.shield(pending)
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._encode_batches(self._queue))
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._inflight[text] = future
         await self._queue.put(_Pending(text, future))
-        return await future
+        return await asyncio.shield(future)
 
     async def encode(self, texts: list[str]) -> np.ndarray:
         """Unit-length embeddings of `texts`, one batch, on the embedder's own thread."""
@@ -105,23 +154,25 @@ class Retriever:
         return await loop.run_in_executor(self._embed_thread, self.embedder.encode, texts)
 
     async def _encode_batches(self, queue: asyncio.Queue[_Pending]) -> None:
+        # The futures are never cancelled (callers wait through asyncio.shield): what is
+        # encoded for a caller that gave up still fills the cache.
         while True:
             batch = [await queue.get()]
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
-            live = [p for p in batch if not p.future.done()]
-            if not live:
-                continue
             try:
-                vectors = await self.encode([p.text for p in live])
+                vectors = await self.encode([p.text for p in batch])
             except Exception as exc:
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+                for p in batch:
+                    self._inflight.pop(p.text, None)
+                    p.future.set_exception(exc)
+                    # Retrieved or not, the exception is the callers' to see, not the loop's.
+                    p.future.exception()
                 continue
-            for p, vector in zip(live, vectors, strict=True):
-                if not p.future.done():
-                    p.future.set_result(vector)
+            for p, vector in zip(batch, vectors, strict=True):
+                self.cache.put(p.text, vector)
+                self._inflight.pop(p.text, None)
+                p.future.set_result(vector)
 
     async def search(
         self, vector: np.ndarray, k: int, min_score: float, exclude_tasks: Sequence[str]

@@ -78,7 +78,7 @@ class Metrics:
         )
         self.embedding_latency = Histogram(
             "crosstask_embedding_latency_seconds",
-            "Embedding a request's query (once, shared by retrieval and the router).",
+            "Getting a query's embedding: from the cache, or encoded with concurrent ones.",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
             registry=r,
         )
@@ -94,6 +94,40 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
             registry=r,
         )
+        self.demonstration_prompt_tokens = Histogram(
+            "crosstask_demonstration_prompt_tokens",
+            "Prompt tokens the demonstrations added to a request (requests with any): what "
+            "retrieval costs in prefill, before the prefix cache.",
+            buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=r,
+        )
+        self._embedding_cache_hits = _CounterReader(
+            "crosstask_embedding_cache_hits",
+            "Query texts whose embedding came from the embedding cache.",
+        )
+        self._embedding_cache_misses = _CounterReader(
+            "crosstask_embedding_cache_misses",
+            "Query texts that were not in the embedding cache (embedded, or joined an encode "
+            "already under way).",
+        )
+        # vLLM's own prefix-cache counters (vllm:prefix_cache_queries and _hits), in
+        # prompt tokens: hits / queries is the share of prefill the cache saved.
+        self._prefix_cache_queries = _CounterReader(
+            "crosstask_prefix_cache_queries",
+            "Prompt tokens looked up in the engine's prefix cache (vLLM's prefix_cache_queries).",
+        )
+        self._prefix_cache_hits = _CounterReader(
+            "crosstask_prefix_cache_hits",
+            "Prompt tokens found in the engine's prefix cache, not computed again (vLLM's "
+            "prefix_cache_hits).",
+        )
+        for reader in (
+            self._embedding_cache_hits,
+            self._embedding_cache_misses,
+            self._prefix_cache_queries,
+            self._prefix_cache_hits,
+        ):
+            r.register(reader)
         # Per pod: a read-only replica counts the snapshot it serves, so one that lags
         # behind the writer shows.
         self.store_size = Gauge(
@@ -150,10 +184,20 @@ class Metrics:
         r.register(self._preemptions)
 
     def track_engine_load(
-        self, load: Callable[[], tuple[int, int]], preemptions: Callable[[], int]
+        self,
+        load: Callable[[], tuple[int, int]],
+        preemptions: Callable[[], int],
+        prefix_cache: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
-        """Read (running, waiting) and the preemptions from the engine at scrape time
-        rather than on every step."""
+        """Read (running, waiting), the preemptions and the prefix cache's (queries, hits)
+        from the engine at scrape time rather than on every step."""
         self.running.set_function(lambda: float(load()[0]))
         self.waiting.set_function(lambda: float(load()[1]))
         self._preemptions.read = preemptions
+        self._prefix_cache_queries.read = lambda: prefix_cache()[0]
+        self._prefix_cache_hits.read = lambda: prefix_cache()[1]
+
+    def track_embedding_cache(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Read the embedding cache's (hits, misses) at scrape time."""
+        self._embedding_cache_hits.read = lambda: counts()[0]
+        self._embedding_cache_misses.read = lambda: counts()[1]

@@ -23,6 +23,7 @@ from retrieval.prompt import (
 )
 from retrieval.query import query_text
 from retrieval.retriever import Retriever
+from retrieval.scope import RetrievalScope
 from retrieval.store_types import Hit
 from routing.merge import MergeLease
 from routing.modes import RoutingMode
@@ -63,6 +64,7 @@ class CrosstaskOptions:
     task: str | None = None
     k: int | None = None
     min_score: float | None = None
+    scope: RetrievalScope | None = None
     routing_mode: RoutingMode | None = None
     adapters: list[str] | None = None
     weights: list[float] | None = None
@@ -99,9 +101,30 @@ class RoutingDecision:
 
 
 @dataclass
+class RetrievalNote:
+    """How the demonstrations were chosen: what was searched for, how many came back
+    (`considered`), the score a demonstration needed (`min_score`) and, when none went
+    in, why."""
+
+    scope: RetrievalScope
+    considered: int = 0
+    min_score: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class RetrievalPlan:
+    k: int
+    query: str  # the text to embed and search with ("" when nothing to search)
+    min_score: float
+    note: RetrievalNote | None  # None: no retrieval at all (no store, token-id prompt)
+
+
+@dataclass
 class Annotation:
     demonstrations: list[DemonstrationRef]
     routing: RoutingDecision
+    retrieval: RetrievalNote | None = None
 
 
 @dataclass
@@ -167,21 +190,31 @@ class Pipeline:
     async def prepare(self, request: GenerationRequest) -> PreparedRequest:
         received_at = time.monotonic()
         self._check_model(request.model)
-        k = self._demonstration_count(request)
+        plan = self._retrieval_plan(request)
         routing_request = self._routing_request(request)
         wants_query = (
             self.routing is not None
             and routing_request is not None
             and self.routing.needs_query(routing_request)
         )
-        # One embedding per request, shared by retrieval and the router.
-        vector = await self._embed(request) if k > 0 or wants_query else None
-        demos: list[Hit] = []
-        if k > 0 and vector is not None:
-            demos = await self._search(request, vector, k)
-        decision, lora, fusion, lease = await self._route(routing_request, vector)
+        # The router compares the definition plus input with its adapters; retrieval with
+        # task scope searches by the definition alone. Both texts are embedded through
+        # the retriever's cache, so a task's definition is embedded once, and with input
+        # scope the two are one embedding.
+        text_prompt = request.prompt is None or isinstance(request.prompt, str)
+        route_text = (
+            self._query(request, RetrievalScope.INPUT)
+            if wants_query and self.retriever is not None and text_prompt
+            else ""
+        )
+        hits: list[Hit] = []
+        if plan.k > 0 and plan.query:
+            vector = await self._embed(plan.query)
+            hits = await self._search(request, vector, plan.k)
+        route_vector = await self._embed(route_text) if route_text else None
+        decision, lora, fusion, lease = await self._route(routing_request, route_vector)
         try:
-            demos = self._auto_demonstrations(routing_request, decision, demos)
+            demos = self._gate(plan, hits)
             prompt_ids, demos = self._assemble(request, demos, fusion)
             params = self._fit_to_context(request, prompt_ids)
             if fusion is not None:
@@ -198,6 +231,7 @@ class Pipeline:
             annotation=Annotation(
                 demonstrations=[DemonstrationRef(h.id, h.task, h.score) for h in demos],
                 routing=decision,
+                retrieval=plan.note,
             ),
             received_at=received_at,
             lora=lora,
@@ -256,28 +290,21 @@ class Pipeline:
         decision = RoutingDecision(plan.mode, plan.adapters, plan.scores, plan.reason)
         return decision, lora, fusion, plan.merge_lease
 
-    def _auto_demonstrations(
-        self, routing_request: RoutingRequest | None, decision: RoutingDecision, hits: list[Hit]
-    ) -> list[Hit]:
-        """Under `auto` the router also decides whether the demonstrations go in: none when
-        even the nearest is below `router_demo_min_score`. On the dev tasks, far
-        demonstrations hurt an adapter's answers (docs/routing.md)."""
-        if (
-            not hits
-            or self.routing is None
-            or routing_request is None
-            or self.routing.resolve_mode(routing_request) != RoutingMode.AUTO
-        ):
-            return hits
-        nearest = max(h.score for h in hits)
-        if nearest >= self.settings.router_demo_min_score:
-            return hits
-        note = (
-            f"demonstrations dropped (nearest {nearest:.2f} < "
-            f"{self.settings.router_demo_min_score:.2f})"
-        )
-        decision.reason = f"{decision.reason}; {note}" if decision.reason else note
-        return []
+    def _gate(self, plan: RetrievalPlan, hits: list[Hit]) -> list[Hit]:
+        """The demonstrations that score at least the plan's `min_score`; the note says
+        how many were considered and, when none is kept, why."""
+        note = plan.note
+        kept = [h for h in hits if h.score >= plan.min_score]
+        if note is None:
+            return kept
+        note.considered = len(hits)
+        if plan.k > 0 and not kept and not note.reason:
+            if hits:
+                nearest = max(h.score for h in hits)
+                note.reason = f"nearest scores {nearest:.3f}, below min_score {plan.min_score:.3f}"
+            else:
+                note.reason = "the store has no demonstration to offer (empty, or all excluded)"
+        return kept
 
     def _check_fusion(
         self,
@@ -334,29 +361,63 @@ class Pipeline:
                 code="model_not_found",
             )
 
-    def _demonstration_count(self, request: GenerationRequest) -> int:
-        """How many demonstrations to retrieve; refuses what cannot be honoured, since
-        silently ignoring a field would answer a different question than was asked."""
+    def _retrieval_plan(self, request: GenerationRequest) -> RetrievalPlan:
+        """How many demonstrations to retrieve, by which text, and the score they need.
+        A request's own `k` and `min_score` are used as given (with `k` and no
+        `min_score`, every one of the `k` goes in); a request that asks for neither gets
+        the server's defaults, gated by CROSSTASK_DEMO_MIN_SCORE, and none when it names
+        no task. What cannot be honoured is refused: silently ignoring a field would
+        answer another question."""
         options = request.options
         self._check_routing(options)
-        if options.k is None:
-            if self.retriever is None or not isinstance(request.prompt, str | None):
-                return 0
-            return self.settings.default_k
-        if options.k > 0 and self.retriever is None:
+        token_ids = request.prompt is not None and not isinstance(request.prompt, str)
+        if options.k is not None and options.k > 0 and self.retriever is None:
             raise bad_request(
                 "crosstask.demonstrations.k > 0 needs a demonstration store; this server "
                 "has none configured (k must be 0).",
                 param="crosstask.demonstrations.k",
                 code="unsupported_value",
             )
-        if options.k > 0 and request.prompt is not None and not isinstance(request.prompt, str):
+        if options.k is not None and options.k > 0 and token_ids:
             raise bad_request(
                 "Demonstrations need a text prompt; token-id prompts take k = 0.",
                 param="crosstask.demonstrations.k",
                 code="unsupported_value",
             )
-        return options.k
+        scope = options.scope or RetrievalScope(self.settings.demo_scope)
+        if self.retriever is None or token_ids:
+            return RetrievalPlan(0, "", 0.0, None)
+        k = self.settings.default_k if options.k is None else options.k
+        if options.min_score is not None:
+            min_score = options.min_score
+        elif options.k is not None:
+            min_score = 0.0
+        else:
+            min_score = self.settings.demo_min_score
+        query = self._query(request, scope)
+        asked = options.k is not None or options.min_score is not None or options.scope
+        if scope == RetrievalScope.TASK and not query:
+            # No definition to share demonstrations across: the input decides.
+            scope = RetrievalScope.INPUT
+            query = self._query(request, scope) if asked else ""
+        note = RetrievalNote(scope, min_score=min_score)
+        if k == 0:
+            note.reason = "k = 0"
+        elif not query and not asked:
+            # A plain chat turn names no task, so no other task's examples can show its
+            # format; the gate was fitted on requests that do name one.
+            note.reason = "no task definition (crosstask.task or a system message)"
+        elif not query:
+            note.reason = "the request has no text to search with"
+        return RetrievalPlan(k, query, min_score, note)
+
+    def _query(self, request: GenerationRequest, scope: RetrievalScope) -> str:
+        """The text embedded for `scope`: the task definition alone (task; empty without
+        one), or the definition and the input (input, as stored demonstrations are)."""
+        definition, text = self._definition_and_input(request)
+        if scope == RetrievalScope.TASK:
+            return query_text(definition, "") if definition.strip() else ""
+        return query_text(definition, text)
 
     def _check_routing(self, options: CrosstaskOptions) -> None:
         if self.routing is not None:
@@ -395,16 +456,8 @@ class Pipeline:
             return definition, text
         return definition, request.prompt if isinstance(request.prompt, str) else ""
 
-    async def _embed(self, request: GenerationRequest) -> np.ndarray | None:
-        """The request's query embedding; None without an embedder or text to embed."""
-        if self.retriever is None or (
-            request.prompt is not None and not isinstance(request.prompt, str)
-        ):
-            return None
-        definition, text = self._definition_and_input(request)
-        query = query_text(definition, text)
-        if not query:
-            return None
+    async def _embed(self, query: str) -> np.ndarray:
+        assert self.retriever is not None
         started = time.monotonic()
         vector = await self.retriever.embed(query)
         self.metrics.embedding_latency.observe(time.monotonic() - started)
@@ -413,9 +466,7 @@ class Pipeline:
     async def _search(self, request: GenerationRequest, vector: np.ndarray, k: int) -> list[Hit]:
         assert self.retriever is not None
         started = time.monotonic()
-        hits = await self.retriever.search(
-            vector, k, request.options.min_score or 0.0, request.options.exclude_tasks
-        )
+        hits = await self.retriever.search(vector, k, 0.0, request.options.exclude_tasks)
         self.metrics.retrieval_latency.observe(time.monotonic() - started)
         return hits
 
@@ -453,6 +504,8 @@ class Pipeline:
         if kept:
             # Ask the model to stop where the next demonstration block would begin.
             request.params.stop = [*request.params.stop, *DEMONSTRATION_STOPS]
+            added = len(cache[len(kept)]) - len(render([]))
+            self.metrics.demonstration_prompt_tokens.observe(max(added, 0))
         return cache[len(kept)], hits[: len(kept)]
 
     def _renderer(

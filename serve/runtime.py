@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.retriever import Retriever, open_replica
+from retrieval.retriever import EmbeddingCache, Retriever, open_replica
 from routing.router import RouterConfig
 from routing.service import RoutingService, build_routing, default_library
 from serve.default_model import ensure_default_model
@@ -174,7 +174,9 @@ def retriever_opener(settings: Settings, *, batch: bool = False) -> RetrieverOpe
         if folder is None:
             return None
         if batch:
-            return open_replica(folder, settings.embedder, read_only=True)
+            replica = open_replica(folder, settings.embedder, read_only=True)
+            replica.cache = EmbeddingCache(settings.embedding_cache_size)
+            return replica
         read_only = settings.store_readonly
         if not read_only and not writable(folder):
             # A store baked into an image is root's; the server runs as another user.
@@ -192,6 +194,7 @@ def retriever_opener(settings: Settings, *, batch: bool = False) -> RetrieverOpe
             reload_seconds=settings.store_reload_seconds,
             grace_seconds=settings.store_snapshot_grace_seconds,
         )
+        retriever.cache = EmbeddingCache(settings.embedding_cache_size)
         if not read_only:
             role = "writer" + (", publishing snapshots" if retriever.publisher else "")
         elif retriever.follower is not None:

@@ -101,6 +101,23 @@ class Settings(BaseSettings):
         le=32,
         description="Demonstrations per request when the request does not say (with a store).",
     )
+    demo_scope: Literal["task", "input"] = Field(
+        default="task",
+        description="What a request's demonstrations are chosen by when it does not say: its "
+        "task definition (shared, and prefix-cached, by every request of the task; the input "
+        "when there is no definition) or its definition and input (docs/retrieval.md).",
+    )
+    # The one gate, in every mode, for requests that send neither `k` nor `min_score`:
+    # demonstrations scoring below it stay out. Chosen by cross-validation over groups of
+    # seen tasks (bench/calibrate_demo_gate.py, bench/calibration/demo_gate_seen_cv.json):
+    # there, a task's demonstrations helped at every nearest score seen, so the gate only
+    # keeps out what is farther than any seen task's (docs/retrieval.md, "The gate").
+    demo_min_score: float = Field(default=0.275, ge=0, le=1, allow_inf_nan=False)
+    embedding_cache_size: int = Field(
+        default=4096,
+        ge=0,
+        description="Query embeddings kept by text (0: none); a few KiB each.",
+    )
     prompt_format: Literal["plain", "chat"] = Field(
         default="chat",
         description="How chat requests with demonstrations are laid out (docs/retrieval.md).",
@@ -125,12 +142,6 @@ class Settings(BaseSettings):
     # specialist and the base decode in lockstep). Only reached when merge_min lets `auto`
     # combine at all; docs/fusion.md gives the dev-task figures behind the default.
     router_combine: Literal["merge", "fuse"] = "merge"
-    # Under `auto`, demonstrations go in only when the nearest one scores at least this
-    # (cosine). Calibrated on the dev tasks by replaying recorded answers with and without
-    # demonstrations (bench/calibration/demo_gate_dev_tasks.json): far demonstrations hurt
-    # an adapter's answers, near ones help, and 0.5 beat both "always" and "never"
-    # (docs/routing.md, "Demonstrations under auto"). -1 keeps them always.
-    router_demo_min_score: float = Field(default=0.5, ge=-1, le=1, allow_inf_nan=False)
     merge_cache_size: int = Field(default=16, ge=1, description="Merged adapters kept on disk.")
 
     # Access.

@@ -97,9 +97,10 @@ def server(
         CROSSTASK_ROUTER_SINGLE_MIN="0.6",
         CROSSTASK_ROUTER_MERGE_MIN="0.3",
         CROSSTASK_ROUTER_SINGLE_MARGIN="0.1",
-        # Requests that do not ask for demonstrations get none, so the base-model tests
-        # compare like with like; retrieval tests ask explicitly.
-        CROSSTASK_DEFAULT_K="0",
+        # Requests that do not ask for demonstrations get none (the default gate is shut),
+        # so the base-model tests compare like with like; retrieval tests ask explicitly,
+        # or send a min_score of their own to open it.
+        CROSSTASK_DEMO_MIN_SCORE="1",
     )
     started = launch(
         tmp_path_factory.mktemp("server") / "server.log",

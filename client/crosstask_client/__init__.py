@@ -70,6 +70,7 @@ from .types import (
     Model,
     ModelList,
     Routing,
+    RetrievalInfo,
     RoutingDecision,
     Usage,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "Routing",
+    "RetrievalInfo",
     "RoutingDecision",
     "ServerError",
     "Stream",

@@ -34,6 +34,7 @@ __all__ = [
     "Model",
     "ModelList",
     "Routing",
+    "RetrievalInfo",
     "RoutingDecision",
     "Usage",
 ]
@@ -54,12 +55,15 @@ class Demonstrations(_Open):
     """How many cross-task demonstrations to retrieve and put in the prompt.
 
     ``k=0`` turns retrieval off; a field left ``None`` leaves the server default.
+    ``scope`` is what they are chosen by: ``"task"`` (the task definition: a task's
+    requests share them, and their prompt prefix) or ``"input"`` (definition and input).
     """
 
     k: Optional[int] = Field(default=None, ge=0, description="Demonstrations to retrieve.")
     min_score: Optional[float] = Field(
         default=None, description="Drop demonstrations scoring below this similarity."
     )
+    scope: Optional[str] = Field(default=None, description='"task" or "input".')
 
 
 class Routing(_Open):
@@ -111,11 +115,22 @@ class RoutingDecision(_Open):
     adapters: list[AdapterWeight] = Field(default_factory=list)
 
 
+class RetrievalInfo(_Open):
+    """How the demonstrations were chosen: the scope, how many the store offered, the
+    score they needed, and why none went in when none did."""
+
+    scope: Optional[str] = None
+    considered: int = 0
+    min_score: Optional[float] = None
+    reason: str = ""
+
+
 class CrosstaskInfo(_Open):
     """The ``crosstask`` annotation: the demonstrations used and the routing decision."""
 
     demonstrations: list[DemonstrationRef] = Field(default_factory=list)
     routing: Optional[RoutingDecision] = None
+    retrieval: Optional[RetrievalInfo] = None
 
 
 # --------------------------------------------------------------------------------------

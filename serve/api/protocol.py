@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from retrieval.scope import RetrievalScope
 from routing.modes import RoutingMode
 from serve.api.unicode import find_lone_surrogate
 from serve.engine.types import GenerationParams
@@ -28,6 +29,8 @@ class OpenAIBaseModel(BaseModel):
 class DemonstrationOptions(OpenAIBaseModel):
     k: int | None = Field(default=None, ge=0, le=MAX_DEMONSTRATIONS)
     min_score: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    # Extension: what the demonstrations are chosen by (docs/retrieval.md, "Scope").
+    scope: Literal["task", "input"] | None = None
 
 
 class RoutingOptions(OpenAIBaseModel):
@@ -64,6 +67,7 @@ class CrosstaskExtension(OpenAIBaseModel):
             task=self.task,
             k=demos.k,
             min_score=demos.min_score,
+            scope=None if demos.scope is None else RetrievalScope(demos.scope),
             routing_mode=None if routing.mode is None else RoutingMode(routing.mode),
             adapters=routing.adapters,
             weights=routing.weights,
@@ -98,11 +102,23 @@ class RoutingAnnotation(BaseModel):
     reason: str = ""
 
 
+class RetrievalAnnotation(BaseModel):
+    """Extension: how the demonstrations were chosen. `considered` came back from the
+    store; those scoring below `min_score` stayed out; `reason` says why none went in."""
+
+    scope: Literal["task", "input"]
+    considered: int
+    min_score: float
+    reason: str = ""
+
+
 class CrosstaskAnnotation(BaseModel):
     """What the server did for a request: demonstrations used and the routing decision."""
 
     demonstrations: list[DemonstrationAnnotation] = Field(default_factory=list)
     routing: RoutingAnnotation
+    # Absent when the request could have no demonstrations (no store, token-id prompt).
+    retrieval: RetrievalAnnotation | None = None
 
     @classmethod
     def of(cls, annotation: Annotation) -> CrosstaskAnnotation:
@@ -116,6 +132,14 @@ class CrosstaskAnnotation(BaseModel):
                 adapters=[AdapterWeight(name=n, weight=w) for n, w in annotation.routing.adapters],
                 scores=[AdapterScore(name=n, similarity=s) for n, s in annotation.routing.scores],
                 reason=annotation.routing.reason,
+            ),
+            retrieval=None
+            if annotation.retrieval is None
+            else RetrievalAnnotation(
+                scope=annotation.retrieval.scope.value,
+                considered=annotation.retrieval.considered,
+                min_score=annotation.retrieval.min_score,
+                reason=annotation.retrieval.reason,
             ),
         )
 

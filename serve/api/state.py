@@ -80,7 +80,12 @@ class ServerState:
         self.pipeline = Pipeline(self.settings, engine, self.metrics, retriever, routing)
         self.chat = ChatServing(self.pipeline)
         self.completion = CompletionServing(self.pipeline)
-        self.metrics.track_engine_load(engine.queue_lengths, lambda: engine.preemptions)
+        self.metrics.track_engine_load(
+            engine.queue_lengths, lambda: engine.preemptions, lambda: engine.prefix_cache
+        )
+        if retriever is not None:
+            cache = retriever.cache
+            self.metrics.track_embedding_cache(lambda: (cache.hits, cache.misses))
         # A drain that began while the engine was starting stays a drain.
         if self.status is Status.STARTING:
             self.status = Status.READY

@@ -79,6 +79,21 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="Demonstrations per request when a request does not say (default 6, measured "
         "best of 2 to 8 on the dev tasks).",
     )
+    p.add_argument(
+        "--demo-scope",
+        dest="demo_scope",
+        choices=["task", "input"],
+        help="What demonstrations are chosen by when a request does not say: its task "
+        "definition (default: shared and prefix-cached across the task's requests) or its "
+        "definition and input.",
+    )
+    p.add_argument(
+        "--demo-min-score",
+        dest="demo_min_score",
+        type=float,
+        help="The gate for requests that send neither k nor min_score: demonstrations "
+        "scoring below it stay out (default chosen by cross-validation, docs/retrieval.md).",
+    )
     p.add_argument("--home", type=Path, help="Cache folder (default ~/.cache/crosstask).")
     p.add_argument(
         "--max-model-len",
@@ -123,6 +138,8 @@ ENGINE_FIELDS = [
     "store",
     "embedder",
     "default_k",
+    "demo_scope",
+    "demo_min_score",
     "home",
     "max_model_len",
     "kv_cache_gb",

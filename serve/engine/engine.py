@@ -65,6 +65,7 @@ class Engine:
         self._load_lock = threading.Lock()
         self._load: tuple[int, int] = (0, 0)
         self._preemptions = 0
+        self._prefix_cache = (0, 0)
         self._slots = LoraSlots()
 
     @classmethod
@@ -139,6 +140,18 @@ class Engine:
     def _record_preemptions(self, count: int) -> None:
         with self._load_lock:
             self._preemptions += count
+
+    @property
+    def prefix_cache(self) -> tuple[int, int]:
+        """(queries, hits) of the prefix cache since the engine started, in prompt tokens,
+        as vLLM counts them for its prefix_cache_queries and prefix_cache_hits."""
+        with self._load_lock:
+            return self._prefix_cache
+
+    def _record_prefix_cache(self, queries: int, hits: int) -> None:
+        with self._load_lock:
+            old_queries, old_hits = self._prefix_cache
+            self._prefix_cache = (old_queries + queries, old_hits + hits)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -435,7 +448,7 @@ def _lora_args(config: EngineConfig) -> dict[str, Any]:
 
 class _LoadLogger:
     """A vLLM stat logger that keeps only what /metrics needs: running and waiting counts,
-    and preemptions."""
+    preemptions and the prefix cache's counts."""
 
     def __init__(self, holder: list[Engine]) -> None:
         self._holder = holder
@@ -454,6 +467,9 @@ class _LoadLogger:
                 int(scheduler_stats.num_running_reqs),
                 int(scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs),
             )
+            prefix = getattr(scheduler_stats, "prefix_cache_stats", None)
+            if prefix is not None and (prefix.queries or prefix.hits):
+                self._holder[0]._record_prefix_cache(int(prefix.queries), int(prefix.hits))
         preempted = int(getattr(iteration_stats, "num_preempted_reqs", 0) or 0)
         if preempted:
             self._holder[0]._record_preemptions(preempted)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from serve.evaluation.config import EvalConfig
 from serve.evaluation.items import Item
-from serve.evaluation.modes import Variant, chat_messages, plain_prompt
+from serve.evaluation.modes import Variant, chat_messages, plain_prompt, shaped_messages
 from serve.evaluation.scoring import exact_match, first_line, rouge_l
 
 if TYPE_CHECKING:
@@ -108,7 +108,9 @@ async def _complete(
         return completion.choices[0].text or ""
     chat = await client.chat.completions.create(
         model=settings.model,
-        messages=chat_messages(item.definition, item.input),  # type: ignore[arg-type]
+        messages=(shaped_messages if variant.endpoint == "shaped" else chat_messages)(
+            item.definition, item.input
+        ),  # type: ignore[arg-type]
         temperature=0.0,
         max_tokens=settings.max_tokens,
         extra_body=extra_body,

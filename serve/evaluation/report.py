@@ -52,11 +52,11 @@ def summarize(run: VariantRun, task_order: Sequence[str]) -> dict[str, Any]:
 
 
 def pick_zero(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """`zero` is the better zero-shot format by mean ROUGE-L (plain on a tie); None when
-    neither format ran."""
+    """`zero` is the best zero-shot format by mean ROUGE-L (the first of plain, chat,
+    shaped on a tie); None when no format ran."""
     options = [
-        (fmt, results[name])
-        for fmt, name in (("plain", "zero_plain"), ("chat", "zero_chat"))
+        (name.removeprefix("zero_"), results[name])
+        for name in ZERO_VARIANTS
         if name in results and "error" not in results[name]
     ]
     if not options:

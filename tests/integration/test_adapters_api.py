@@ -225,23 +225,3 @@ def test_management_needs_the_admin_key(server: Server, key: str | None, status:
     headers = server.headers(key) if key else {}
     response = httpx.post(f"{server.v1}/load_lora_adapter", json=body, headers=headers, timeout=30)
     assert response.status_code == status, response.text
-
-
-def test_auto_leaves_far_demonstrations_out(server: Server) -> None:
-    """Under `auto` the demonstrations go in only when the nearest scores at least
-    CROSSTASK_ROUTER_DEMO_MIN_SCORE (0.5); other modes keep what they asked for."""
-    science = [
-        {"role": "system", "content": "Given a science question, write its correct answer."},
-        {"role": "user", "content": "What do plants need for photosynthesis?"},
-    ]
-    gibberish = [{"role": "user", "content": "zqxv plork 7731 vbnm ghtrr"}]
-    demos = {"demonstrations": {"k": 2}}
-    near = chat(server, model="auto", messages=science, crosstask=demos).json()["crosstask"]
-    assert len(near["demonstrations"]) == 2 and near["demonstrations"][0]["score"] >= 0.5
-    assert "dropped" not in near["routing"]["reason"]
-    far = chat(server, model="auto", messages=gibberish, crosstask=demos).json()["crosstask"]
-    assert far["demonstrations"] == []
-    assert "demonstrations dropped" in far["routing"]["reason"]
-    asked = {**demos, "routing": {"mode": "adapter", "adapters": ["alpha"]}}
-    kept = chat(server, messages=gibberish, crosstask=asked).json()["crosstask"]
-    assert len(kept["demonstrations"]) == 2 and kept["demonstrations"][0]["score"] < 0.5

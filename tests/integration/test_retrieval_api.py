@@ -4,6 +4,7 @@ annotation, and the store's add and search routes."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import openai
@@ -244,6 +245,79 @@ def test_bad_searches(server: Server, body: dict[str, object]) -> None:
     response = _post(server, "/demonstrations/search", body)
     assert response.status_code == 400, response.text
     json.dumps(response.json()["error"])
+
+
+def test_the_gate_is_one_for_every_mode(server: Server) -> None:
+    """A request that sends no `k` gets the server's, gated by the server's min_score (shut
+    on the test server) or its own; a request's own `k` is used as given, in every mode."""
+    gibberish = [{"role": "user", "content": "zqxv plork 7731 vbnm ghtrr"}]
+
+    def annotation(messages: list[dict[str, str]], **crosstask: object) -> dict[str, object]:
+        body = {"model": "auto", "messages": messages, "max_tokens": 1, "crosstask": crosstask}
+        response = _post(server, "/chat/completions", body)
+        assert response.status_code == 200, response.text
+        return dict(response.json()["crosstask"])
+
+    shut = annotation(QUESTION)
+    assert shut["demonstrations"] == []
+    assert shut["retrieval"]["scope"] == "task" and shut["retrieval"]["considered"] == 6
+    assert shut["retrieval"]["reason"].endswith("below min_score 1.000")
+    opened = annotation(QUESTION, demonstrations={"min_score": 0.5})
+    assert opened["demonstrations"] and all(d["score"] >= 0.5 for d in opened["demonstrations"])
+    far = annotation(gibberish, demonstrations={"min_score": 0.5})
+    assert far["demonstrations"] == [] and far["retrieval"]["scope"] == "input"
+    for mode in ("auto", "off"):
+        asked = annotation(gibberish, demonstrations={"k": 2}, routing={"mode": mode})
+        assert len(asked["demonstrations"]) == 2, asked
+        assert asked["demonstrations"][0]["score"] < 0.5 and asked["retrieval"]["min_score"] == 0
+
+
+def test_a_tasks_requests_share_their_prompt_prefix(server: Server) -> None:
+    """Task scope: the second request of a task gets the first one's demonstrations, in
+    the same order, and the engine serves their prompt from its prefix cache; the
+    definition is embedded once."""
+    before = {
+        name: server.metric(name)
+        for name in (
+            "crosstask_prefix_cache_hits_total",
+            "crosstask_prefix_cache_queries_total",
+            "crosstask_embedding_cache_hits_total",
+            "crosstask_demonstration_prompt_tokens_count",
+        )
+    }
+    definition = f"Name the largest planet mentioned, with care {uuid.uuid4().hex[:6]}."
+    answers = []
+    for question in ("Jupiter or Mars?", "Saturn, Venus or Earth?"):
+        body = {
+            "model": server.model,
+            "messages": [
+                {"role": "system", "content": definition},
+                {"role": "user", "content": question},
+            ],
+            "max_tokens": 1,
+            "crosstask": {"demonstrations": {"k": 4, "scope": "task"}},
+        }
+        response = _post(server, "/chat/completions", body)
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    first, second = (a["crosstask"]["demonstrations"] for a in answers)
+    assert len(first) == 4 and [d["id"] for d in first] == [d["id"] for d in second]
+    hits = (
+        server.metric("crosstask_prefix_cache_hits_total")
+        - before["crosstask_prefix_cache_hits_total"]
+    )
+    # The second prompt's demonstrations (hundreds of tokens) came from the cache.
+    assert hits >= answers[1]["usage"]["prompt_tokens"] // 2, hits
+    assert (
+        server.metric("crosstask_prefix_cache_queries_total")
+        > before["crosstask_prefix_cache_queries_total"]
+    )
+    assert server.metric("crosstask_embedding_cache_hits_total") >= (
+        before["crosstask_embedding_cache_hits_total"] + 1
+    )
+    assert server.metric("crosstask_demonstration_prompt_tokens_count") == (
+        before["crosstask_demonstration_prompt_tokens_count"] + 2
+    )
 
 
 def test_retrieval_metrics(server: Server) -> None:

@@ -26,6 +26,7 @@ class FakeEngine:
         self.errored = False
         self.last_prompt: list[int] = []
         self.preemptions = 0
+        self.prefix_cache = (0, 0)
 
     def queue_lengths(self) -> tuple[int, int]:
         return (0, 0)

@@ -70,11 +70,12 @@ class FakeSource:
 
 def _stub_answer(text: str, endpoint: str, ext: dict[str, Any]) -> str:
     """Right for some inputs only, wrapped in noise that post-processing must remove."""
-    kind, number = text.split()
+    kind, number = text.split("Input: ")[-1].split()
     i = int(number)
     if kind == "beta":
         return "yes indeed"
-    helped = ext.get("demonstrations", {}).get("k", 0) > 0
+    # Without a `k` the server's default applies: the stub's is 2.
+    helped = ext.get("demonstrations", {}).get("k", 2) > 0
     # Chat beats plain: plain is right for i % 4 == 0, chat for even i, k > 0 for all.
     right = helped or (i % 2 == 0 if endpoint == "chat" else i % 4 == 0)
     answer = f"the answer {i}" if right else "no idea"
@@ -259,14 +260,25 @@ def test_modes_parse_and_expand() -> None:
         parse_modes("zero,magic")
     with pytest.raises(ValueError):
         parse_modes(" , ")
-    variants = {v.name: v for v in variants_for(["zero", "auto", "fusion"], k=3)}
-    assert list(variants) == ["zero_plain", "zero_chat", "auto", "fusion"]
+    variants = {v.name: v for v in variants_for(["zero", "auto", "fusion", "defaults"], k=3)}
+    assert list(variants) == [
+        "zero_plain",
+        "zero_chat",
+        "zero_shaped",
+        "auto",
+        "fusion",
+        "defaults",
+    ]
     assert variants["zero_plain"].endpoint == "completions"
-    assert variants["auto"].extension("t") == {
-        "demonstrations": {"k": 3},
-        "routing": {"mode": "auto"},
-        "exclude_tasks": ["t"],
-    }
+    assert variants["zero_shaped"].endpoint == "shaped"
+    # auto: the server decides the demonstrations too; defaults: nothing but the exclusion.
+    assert variants["auto"].extension("t") == {"routing": {"mode": "auto"}, "exclude_tasks": ["t"]}
+    assert variants["defaults"].extension("t") == {"exclude_tasks": ["t"]}
+    retrieval = variants_for(parse_modes("retrieval,retrieval_task"), k=3)
+    assert [v.extension("t")["demonstrations"] for v in retrieval] == [
+        {"k": 3, "scope": "input"},
+        {"k": 3, "scope": "task"},
+    ]
     assert variants["fusion"].extension("t")["routing"] == {"mode": "fuse"}
     generalist = variants_for(parse_modes("generalist"), k=3)[0]
     assert generalist.extension("t") == {
@@ -343,7 +355,8 @@ def test_eval_against_a_stub_server(
 
     report = json.loads(out.read_text())
     results, meta = report["results"], report["meta"]
-    modes = ["zero", "retrieval", "adapter", "auto", "fusion", "zero_plain", "zero_chat"]
+    zeros = ["zero_plain", "zero_chat", "zero_shaped"]
+    modes = ["zero", "retrieval", "adapter", "auto", "fusion", *zeros]
     assert list(results) == modes
     assert results["fusion"] == {"error": "400: fuse is not supported here"}
     assert "fusion" in capsys.readouterr().err  # The warning names the failed mode.
@@ -360,7 +373,8 @@ def test_eval_against_a_stub_server(
     assert chat["errors"] == 0
     assert results["zero_plain"]["tasks"]["alpha"]["rougeL"] == pytest.approx(by_four, abs=1e-3)
     assert even > by_four  # The seeded sample holds more even indices than multiples of 4,
-    assert results["zero"] == {"format": "chat", **chat}  # so chat is the better format.
+    assert results["zero_shaped"] == chat  # The stub answers the shaped turn as the chat one,
+    assert results["zero"] == {"format": "chat", **chat}  # so chat is the best (first) format.
     assert results["retrieval"]["rougeL"] == 100.0
     assert results["auto"]["exact_match"] == 100.0
     assert results["adapter"] == chat  # The stub ignores routing: k = 0 answers as zero_chat.
@@ -368,7 +382,7 @@ def test_eval_against_a_stub_server(
     assert meta["model"] == BASE_MODEL
     assert (meta["limit"], meta["seed"], meta["k"], meta["base_url"]) == (6, 0, 2, stub.url)
     assert meta["tasks"] == ["alpha", "natural_instructions/beta"]
-    assert set(meta["timings"]) == {*modes[1:], "zero_plain", "zero_chat"}
+    assert set(meta["timings"]) == set(modes[1:])
     assert set(meta["requests_per_second"]) == set(meta["timings"]) - {"fusion"}
     assert meta["requests"]["fusion"] == 1  # Refused on the probe: nothing more was sent.
     assert meta["date"]
@@ -383,7 +397,9 @@ def test_eval_against_a_stub_server(
         text = body["prompt"] if endpoint == "completions" else body["messages"][-1]["content"]
         task = "alpha" if "alpha" in text else "natural_instructions/beta"
         assert ext["exclude_tasks"] == [task]
-        mode = (endpoint, ext["demonstrations"]["k"], ext["routing"]["mode"])
+        shaped = endpoint == "chat" and text.startswith("Definition: ")
+        k = ext.get("demonstrations", {}).get("k")
+        mode = (endpoint, shaped, k, ext["routing"]["mode"])
         inputs_by_mode.setdefault(str(mode), set()).add(text.split("Input: ")[-1].split("\n")[0])
         definition = _alpha().definition if task == "alpha" else _beta().definition
         if endpoint == "chat":
@@ -391,10 +407,10 @@ def test_eval_against_a_stub_server(
         else:
             assert "stop" not in body and body["prompt"].startswith("Definition: ")
     full = [v for k, v in inputs_by_mode.items() if "fuse" not in k]
-    assert len(full) == 5 and all(v == full[0] for v in full) and len(full[0]) == 10
+    assert len(full) == 6 and all(v == full[0] for v in full) and len(full[0]) == 10
 
     lines = [json.loads(line) for line in preds.read_text().splitlines()]
-    assert len(lines) == 5 * 10 + 1
+    assert len(lines) == 6 * 10 + 1
     first = next(x for x in lines if x["mode"] == "retrieval")
     assert first["prediction"] == first["raw"].strip().splitlines()[0]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
