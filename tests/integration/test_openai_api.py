@@ -42,6 +42,10 @@ def test_chat_completion(openai_client: openai.OpenAI, server: Server, tokenizer
     assert result.usage.prompt_tokens == len(prompt_ids)
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
     annotation = result.model_extra["crosstask"]  # type: ignore[index]
+    # A bare question names no task: no demonstrations are considered, and it says why.
+    retrieval = annotation.pop("retrieval")
+    assert retrieval["considered"] == 0
+    assert retrieval["reason"].startswith("no task definition"), retrieval
     assert annotation == {
         "demonstrations": [],
         "routing": {"mode": "off", "adapters": [], "scores": [], "reason": ""},
