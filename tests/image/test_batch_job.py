@@ -137,4 +137,7 @@ def test_sharded_job_and_merge_match_a_run_outside(
     assert set(inside) == {line["custom_id"] for line in _lines()}
     assert inside == _answers(outside)
     assert inside["bad"][0] is None or inside["bad"][0] >= 400
-    assert all(status == 200 and text for cid, (status, text) in inside.items() if cid != "bad")
+    assert all(status == 200 for cid, (status, _) in inside.items() if cid != "bad"), inside
+    # A routed completion may well stop at once (an empty text is an answer); the chat
+    # lines, base model with the task as system message, always say something.
+    assert all(inside[f"line-{i}"][1] for i in range(0, len(_lines()) - 1, 2)), inside
