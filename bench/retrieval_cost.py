@@ -125,6 +125,23 @@ def france(base_url: str) -> dict[str, Any]:
     return answers
 
 
+def chat_body(mode: str, item: Item) -> dict[str, Any]:
+    """One chat request of `item`: zero_shaped (the "Definition / Input" turn, `k: 0`) or
+    defaults (the chat messages, nothing asked of retrieval), the task excluded."""
+    body: dict[str, Any] = {
+        "model": "smollm2-135m-instruct",
+        "max_tokens": 24,
+        "temperature": 0,
+        "crosstask": {"exclude_tasks": [item.task]},
+    }
+    if mode == "zero_shaped":
+        body["messages"] = shaped_messages(item.definition, item.input)
+        body["crosstask"]["demonstrations"] = {"k": 0}
+    else:
+        body["messages"] = chat_messages(item.definition, item.input)
+    return body
+
+
 def warm_latency(base_url: str, items: list[Item], per_task: int) -> dict[str, Any]:
     """Per task: one request to warm its prefix, then `per_task` timed ones, one at a
     time; zero-shot (k = 0, shaped) and the defaults, in alternating task order."""
@@ -139,17 +156,7 @@ def warm_latency(base_url: str, items: list[Item], per_task: int) -> dict[str, A
             modes = ["zero_shaped", "defaults"] if n % 2 == 0 else ["defaults", "zero_shaped"]
             for mode in modes:
                 for i, item in enumerate(task_items[: per_task + 1]):
-                    body: dict[str, Any] = {
-                        "model": "smollm2-135m-instruct",
-                        "max_tokens": 24,
-                        "temperature": 0,
-                        "crosstask": {"exclude_tasks": [item.task]},
-                    }
-                    if mode == "zero_shaped":
-                        body["messages"] = shaped_messages(item.definition, item.input)
-                        body["crosstask"]["demonstrations"] = {"k": 0}
-                    else:
-                        body["messages"] = chat_messages(item.definition, item.input)
+                    body = chat_body(mode, item)
                     started = time.perf_counter()
                     http.post(f"{base_url}/v1/chat/completions", json=body).raise_for_status()
                     if i > 0:  # the first one warmed the task's prefix
@@ -171,17 +178,7 @@ def batch_run(items: list[Item], lines: int, folder: Path) -> dict[str, Any]:
         with source.open("w") as fh:
             for n in range(lines):
                 item = task_items[n % len(task_items)]
-                body: dict[str, Any] = {
-                    "model": "smollm2-135m-instruct",
-                    "max_tokens": 24,
-                    "temperature": 0,
-                    "crosstask": {"exclude_tasks": [item.task]},
-                }
-                if mode == "zero_shaped":
-                    body["messages"] = shaped_messages(item.definition, item.input)
-                    body["crosstask"]["demonstrations"] = {"k": 0}
-                else:
-                    body["messages"] = chat_messages(item.definition, item.input)
+                body = chat_body(mode, item)
                 line = {"custom_id": str(n), "method": "POST", "url": "/v1/chat/completions"}
                 fh.write(json.dumps({**line, "body": body}) + "\n")
         out = folder / f"batch-{mode}.out.jsonl"
