@@ -40,10 +40,17 @@ from routing.training.data import (
     TrainExample,
     TrainingData,
     load_training_data,
+    plan_batches,
     save_training_data,
     task_examples,
 )
-from routing.training.loop import RunOptions, TrainResult, load_base, train_adapter
+from routing.training.loop import (
+    RunOptions,
+    StepReport,
+    TrainResult,
+    load_base,
+    train_adapter,
+)
 from routing.training.recipe import (
     RECIPE_FILE,
     AdapterSpec,
@@ -188,14 +195,31 @@ def build_library(
     signature = base_signature(inputs.model_dir)
     trained: list[TrainResult] = []
     skipped: list[str] = []
-    for spec in specs:
-        if only and spec.name not in only:
-            continue
+    chosen = [s for s in specs if not only or s.name in only]
+    pending = [s for s in chosen if not adapter_is_done(out, s, s.fingerprint(recipe))]
+    # Every pending adapter's step count up front, so the progress has the whole run's ETA
+    # from its first step (the loop plans its batches the same way).
+    planned = [
+        len(
+            plan_batches(
+                [ex.length for ex in data.for_tasks(s.tasks, s.settings.per_task)],
+                s.settings.epochs,
+                recipe.train.batch_tokens,
+                recipe.train.seed,
+            )
+        )
+        for s in pending
+    ]
+    for spec in chosen:
         fingerprint = spec.fingerprint(recipe)
-        if adapter_is_done(out, spec, fingerprint):
+        if spec not in pending:
             skipped.append(spec.name)
             log.info("%s: already trained, kept", spec.name)
             continue
+        position = pending.index(spec)
+        run_options = _placed(
+            options, position + 1, len(pending), sum(planned[:position]), sum(planned)
+        )
         examples = data.for_tasks(spec.tasks, spec.settings.per_task)
         adapter_work = work / spec.name
         init_from = None
@@ -215,7 +239,7 @@ def build_library(
             recipe.train,
             adapter_work,
             fingerprint,
-            options,
+            run_options,
             init_from,
         )
         meta = AdapterMeta(
@@ -266,6 +290,20 @@ def build_library(
         seconds=time.perf_counter() - started,
         data_seconds=data_seconds,
     )
+
+
+def _placed(options: RunOptions, index: int, count: int, before: int, total: int) -> RunOptions:
+    """`options` whose progress reports also say where the step stands in the whole run."""
+    report = options.progress
+    if report is None:
+        return options
+
+    def placed(step: StepReport) -> None:
+        report(
+            replace(step, index=index, count=count, run_step=before + step.step, run_steps=total)
+        )
+
+    return replace(options, progress=placed)
 
 
 def _continue_recipe(out: Path, recipe: Recipe) -> Recipe:

@@ -44,6 +44,12 @@ class StepReport:
     loss: float
     tokens: int  # real (unpadded) tokens processed since the (re)start
     seconds: float
+    # Where the step stands in the whole run (routing.training.library fills these in):
+    # the adapter's place among those this run trains, and the run's steps so far / all.
+    index: int = 1
+    count: int = 1
+    run_step: int = 0
+    run_steps: int = 0
 
     @property
     def tokens_per_s(self) -> float:

@@ -233,27 +233,45 @@ def _with(obj: Any, **changes: Any) -> Any:
 @dataclass
 class StepDisplay:
     """The training's progress: one bar per adapter, in steps, from the step it resumed
-    at (so the ETA is this run's), with the loss and tokens/s of the latest step."""
+    at (so the ETA is this run's), with the loss and tokens/s of the latest step; and
+    one bar for the whole run (every adapter it trains), whose ETA is the build's."""
 
     adapter: str | None = None
     bar: ProgressBar | None = None
+    run: ProgressBar | None = None
 
     def __call__(self, report: StepReport) -> None:
         if self.bar is None or report.adapter != self.adapter:
-            self.close()
+            self.close_adapter()
             self.adapter = report.adapter
-            self.bar = ProgressBar(
-                report.adapter, "step", total=report.steps, initial=report.step - 1
+            label = report.adapter
+            if report.count > 1:
+                label = f"{label} ({report.index}/{report.count})"
+            self.bar = ProgressBar(label, "step", total=report.steps, initial=report.step - 1)
+        if self.run is None and report.run_steps > report.steps:
+            self.run = ProgressBar(
+                "all adapters", "step", total=report.run_steps, initial=report.run_step - 1
             )
         postfix = {"loss": f"{report.loss:.3f}", "tokens/s": f"{report.tokens_per_s:.0f}"}
         self.bar.advance(report.step - self.bar.done, postfix)
+        if self.run is not None:
+            self.run.advance(report.run_step - self.run.done)
         if report.step == report.steps:
-            self.close()
+            self.close_adapter()
+        if self.run is not None and report.run_step >= report.run_steps:
+            self.run.close()
+            self.run = None
 
-    def close(self) -> None:
+    def close_adapter(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.adapter, self.bar = None, None
+
+    def close(self) -> None:
+        self.close_adapter()
+        if self.run is not None:
+            self.run.close()
+            self.run = None
 
 
 def cmd_train(args: argparse.Namespace) -> int:

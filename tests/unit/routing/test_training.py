@@ -430,10 +430,20 @@ def test_library_build_resumes_and_refuses_another_recipe(model_dir: Path, tmp_p
     assert meta.base_model == base_signature(model_dir)
     # Run again without --only: the generalist is kept, the specialists are trained
     # with the grouping recorded the first time.
-    report = build_library(recipe, out, inputs, options=options)
+    reports: list[StepReport] = []
+    watched = RunOptions(threads=THREADS, progress=reports.append)
+    report = build_library(recipe, out, inputs, options=watched)
     assert report.skipped == ["generalist"]
     names = sorted(g["name"] for g in saved.grouping["groups"])
     assert sorted(r.name for r in report.trained) == names
+    # Each step says where it stands in this run: the run's steps are the two
+    # specialists' (the kept generalist is not counted), numbered across them.
+    total = sum(r.steps for r in report.trained)
+    assert [r.run_step for r in reports] == list(range(1, total + 1))
+    assert {(r.run_steps, r.count) for r in reports} == {(total, 2)}
+    assert sorted({(r.adapter, r.index) for r in reports}) == sorted(
+        (r.name, i) for i, r in enumerate(report.trained, start=1)
+    )
     assert not (out / ".work").exists()
     other = Recipe(tasks=tuple(tasks), train=FAST, generalist=AdapterSettings(rank=4))
     with pytest.raises(TrainingError, match="another recipe"):

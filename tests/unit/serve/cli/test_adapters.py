@@ -130,3 +130,20 @@ def test_training_shows_one_bar_per_adapter(
     assert len(lines) == 2  # Off a terminal: a line at the end of each (none within 30 s).
     assert lines[0].startswith("generalist: 4/4 step, loss 0.500, tokens/s 100,")
     assert lines[1].startswith("spec-0: 2/2 step, loss 1.000, tokens/s 50,")
+
+
+def test_training_shows_the_whole_runs_progress_and_eta(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    display = StepDisplay()
+    with caplog.at_level(logging.INFO, logger="crosstask"):
+        # Two adapters of 2 and 3 steps; the run resumed inside the first, at its step 2.
+        display(StepReport("generalist", 2, 2, 0.5, 100, 1.0, 1, 2, 2, 5))
+        assert display.run is not None and (display.run.done, display.run.total) == (2, 5)
+        for step in (1, 2, 3):
+            display(StepReport("spec-0", step, 3, 0.5, 100, 1.0, 2, 2, 2 + step, 5))
+            assert display.bar is None or display.bar.label == "spec-0 (2/2)"
+        assert display.run is None  # closed with the run's last step
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("all adapters: 5/5 step") for line in lines)
