@@ -100,28 +100,36 @@ async def drive(
     }
 
 
-ADAPTER = {"mode": "adapter", "adapters": ["spec-0-detection"]}
-FUSED = {
-    "mode": "fuse",
-    "adapters": ["spec-0-detection", "spec-1-arithmetic"],
-    "weights": [0.5, 0.5],
-}
-# Dynamic weights: the base decodes as a third member (fixed weights summing to 1 need not).
-FUSED_DYNAMIC = {**FUSED, "weights": [1.0, 1.0], "alpha": "dynamic"}
+def routings(first: str, second: str) -> dict[str, dict[str, Any]]:
+    """One specialist alone, two fused at fixed weights, and the same with dynamic weights
+    (the base decodes as a third member; fixed weights summing to 1 need not)."""
+    fused = {"mode": "fuse", "adapters": [first, second], "weights": [0.5, 0.5]}
+    return {
+        "adapter": {"mode": "adapter", "adapters": [first]},
+        "fused": fused,
+        "fused_dynamic": {**fused, "weights": [1.0, 1.0], "alpha": "dynamic"},
+    }
+
+
+async def two_specialists(client: Any) -> tuple[str, str]:
+    """The first two specialists the server lists (by name: the library's first two)."""
+    listed = sorted(m.id for m in (await client.models.list()).data if m.id.startswith("spec-"))
+    if len(listed) < 2:
+        raise SystemExit(f"the server lists {len(listed)} specialists; fusion needs two")
+    return listed[0], listed[1]
 
 
 async def fusion_rounds(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
-    await drive(client, ADAPTER, 2, 2, 8)  # warm: adapters loaded, graphs hot
-    await drive(client, FUSED, 2, 2, 8)
-    await drive(client, FUSED_DYNAMIC, 2, 2, 8)
+    ways = routings(*await two_specialists(client))
+    for routing in ways.values():  # warm: adapters loaded, graphs hot
+        await drive(client, routing, 2, 2, 8)
     rows = []
     for r in range(args.rounds):
         for concurrency, requests in ((1, args.requests_c1), (16, args.requests_c16)):
-            kinds = [("adapter", ADAPTER), ("fused", FUSED), ("fused_dynamic", FUSED_DYNAMIC)]
-            for kind, routing in kinds:
+            for kind, routing in ways.items():
                 result = await drive(client, routing, requests, concurrency, args.max_tokens)
                 rows.append({"round": r, "kind": kind, "concurrency": concurrency, **result})
                 print(json.dumps(rows[-1]), flush=True)
