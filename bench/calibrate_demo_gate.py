@@ -54,8 +54,10 @@ class Answer:
     scores: list[float]  # the demonstrations' scores, best first
 
 
-def folds_of(tasks: list[str], n_folds: int) -> list[list[str]]:
-    recipe = json.loads((REPO / "routing/library/recipe.json").read_text())
+def folds_of(
+    tasks: list[str], n_folds: int, recipe_path: Path = REPO / "routing/library/recipe.json"
+) -> list[list[str]]:
+    recipe = json.loads(recipe_path.read_text())
     groups = [g["tasks"] for g in recipe["grouping"]["groups"]]
     grouped = {t for g in groups for t in g}
     folds: list[list[str]] = [[] for _ in range(n_folds)]
