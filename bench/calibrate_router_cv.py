@@ -12,18 +12,24 @@ its margin over the base on these held-out examples, to set beside its margin on
 and confirm tasks (`crosstask eval --modes zero_chat,generalist`).
 
 Each example is the held-out part of its task's split (`routing.training.data.split_task`,
-never trained on), asked greedily without demonstrations in chat form (eval's `adapter`
-mode) under every option a rule may pick:
+never trained on), asked greedily in chat form (eval's `adapter` mode) under every option
+a rule may pick:
   base        the model alone
   generalist  the generalist alone
   s1, s2      the nearest and second-nearest allowed specialist (prototype cosine)
   fuse        the generalist and s1, logits fused at every step, 0.5 / 0.5
-The rules, replayed from those answers:
+  gen_demos   the generalist with --k demonstrations chosen by the task definition (scope
+              task, the fold's tasks excluded from retrieval, gate open); the nearest
+              one's score is recorded
+All but gen_demos without demonstrations. The rules, replayed from those answers:
   generalist  always the generalist (the reference)
+  demo_gate   gen_demos when the nearest demonstration scores >= t, else the generalist
+              (the demonstration gate under the generalist); t fitted
   centroid    today's rule: s1 when its similarity >= t and it leads s2 by >= m, else the
               generalist; (t, m) fitted on a grid
   fuse_near   fuse when s1's similarity >= t, else the generalist; t fitted
-  learned     ridge regressions from the query embedding and the similarities to each
+  learned     ridge regressions from the query embedding, the similarities and the nearest
+              demonstration's score to each
               option's gain over the generalist; the best predicted option when its gain
               is > 0, else the generalist (the small learned router of "Learning to Route
               Among Specialized Experts"); the ridge penalty fitted on a grid
@@ -66,7 +72,7 @@ from serve.evaluation.modes import GENERALIST_ADAPTER, chat_messages
 from serve.evaluation.scoring import first_line, rouge_l
 
 REPO = Path(__file__).resolve().parent.parent
-OPTIONS = ("base", "generalist", "s1", "s2", "fuse")
+OPTIONS = ("base", "generalist", "s1", "s2", "fuse", "gen_demos")
 THRESHOLDS = [round(0.2 + 0.05 * i, 2) for i in range(14)] + [2.0]  # 2.0: never
 MARGINS = [0.0, 0.02, 0.05, 0.1]
 PENALTIES = [1.0, 10.0, 100.0, 1000.0]
@@ -79,6 +85,7 @@ class Example:
     fold: int
     vector: np.ndarray  # the query embedding the router compares
     sims: list[float]  # s1, s2 (allowed specialists), generalist
+    demo_score: float  # the nearest demonstration's score under gen_demos (-1: none)
     names: list[str]  # s1, s2
     scores: dict[str, float]  # option -> ROUGE-L
 
@@ -100,14 +107,30 @@ def held_out_items(names: Sequence[str], adapters: Path, per_task: int) -> list[
     return items
 
 
-def routings(names: list[str]) -> dict[str, dict[str, Any]]:
+def extensions(names: list[str], held: list[str], k: int) -> dict[str, dict[str, Any]]:
+    """Each option's `crosstask` extension."""
     s1, s2 = names
+    none = {"k": 0}
+    generalist = {"mode": "adapter", "adapters": [GENERALIST_ADAPTER]}
     return {
-        "base": {"mode": "off"},
-        "generalist": {"mode": "adapter", "adapters": [GENERALIST_ADAPTER]},
-        "s1": {"mode": "adapter", "adapters": [s1]},
-        "s2": {"mode": "adapter", "adapters": [s2]},
-        "fuse": {"mode": "fuse", "adapters": [GENERALIST_ADAPTER, s1], "weights": [0.5, 0.5]},
+        "base": {"demonstrations": none, "routing": {"mode": "off"}},
+        "generalist": {"demonstrations": none, "routing": generalist},
+        "s1": {"demonstrations": none, "routing": {"mode": "adapter", "adapters": [s1]}},
+        "s2": {"demonstrations": none, "routing": {"mode": "adapter", "adapters": [s2]}},
+        "fuse": {
+            "demonstrations": none,
+            "routing": {
+                "mode": "fuse",
+                "adapters": [GENERALIST_ADAPTER, s1],
+                "weights": [0.5, 0.5],
+            },
+        },
+        "gen_demos": {
+            "demonstrations": {"k": k, "min_score": 0.0, "scope": "task"},
+            "routing": generalist,
+            # Explicitly named adapters are served whatever is excluded; retrieval is not.
+            "exclude_tasks": held,
+        },
     }
 
 
@@ -117,6 +140,7 @@ async def collect(
     fold_index: dict[str, int],
     folds: list[list[str]],
     metas: list[AdapterMeta],
+    k: int,
     max_tokens: int,
     concurrency: int,
 ) -> list[Example]:
@@ -129,16 +153,19 @@ async def collect(
     gate = asyncio.Semaphore(concurrency)
     done = 0
 
-    async def ask(item: Item, routing: dict[str, Any]) -> float:
+    async def ask(item: Item, extension: dict[str, Any]) -> tuple[float, float]:
         async with gate:
             reply = await client.chat.completions.create(
                 model=model,
                 messages=chat_messages(item.definition, item.input),  # type: ignore[arg-type]
                 temperature=0.0,
                 max_tokens=max_tokens,
-                extra_body={"crosstask": {"demonstrations": {"k": 0}, "routing": routing}},
+                extra_body={"crosstask": extension},
             )
-        return rouge_l(first_line(reply.choices[0].message.content or ""), item.targets)
+        text = first_line(reply.choices[0].message.content or "")
+        demos = (reply.model_extra or {}).get("crosstask", {}).get("demonstrations", [])
+        nearest = max((float(d["score"]) for d in demos), default=-1.0)
+        return rouge_l(text, item.targets), nearest
 
     async def one(item: Item, vector: np.ndarray) -> Example:
         nonlocal done
@@ -149,7 +176,7 @@ async def collect(
             reverse=True,
         )
         names = [allowed[0][1], allowed[1][1]]
-        ways = routings(names)
+        ways = extensions(names, sorted(held), k)
         results = await asyncio.gather(*(ask(item, ways[o]) for o in OPTIONS))
         done += 1
         if done % 50 == 0:
@@ -160,8 +187,9 @@ async def collect(
             fold=fold,
             vector=vector,
             sims=[allowed[0][0], allowed[1][0], similarity(vector, generalist)],
+            demo_score=results[OPTIONS.index("gen_demos")][1],
             names=names,
-            scores=dict(zip(OPTIONS, results, strict=True)),
+            scores={o: r[0] for o, r in zip(OPTIONS, results, strict=True)},
         )
 
     examples = await asyncio.gather(*(one(it, v) for it, v in zip(items, vectors, strict=True)))
@@ -208,9 +236,18 @@ def fit_fuse_near(train: Sequence[Example]) -> tuple[Rule, dict[str, Any]]:
     return rule_for(t), {"min_similarity": t}
 
 
+def fit_demo_gate(train: Sequence[Example]) -> tuple[Rule, dict[str, Any]]:
+    def rule_for(t: float) -> Rule:
+        return lambda ex: "gen_demos" if ex.demo_score >= t else "generalist"
+
+    t = max(reversed(THRESHOLDS), key=lambda t: score(train, rule_for(t)))
+    return rule_for(t), {"min_score": t}
+
+
 def features(ex: Example) -> np.ndarray:
     s1, s2, g = ex.sims
-    return np.concatenate([ex.vector, [s1, s2, s1 - s2, g, 1.0]]).astype(np.float64)
+    extra = [s1, s2, s1 - s2, g, ex.demo_score, 1.0]
+    return np.concatenate([ex.vector, extra]).astype(np.float64)
 
 
 def ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
@@ -256,6 +293,7 @@ RULES: dict[str, Callable[[Sequence[Example]], tuple[Rule, dict[str, Any]]]] = {
     "generalist": fit_generalist,
     "centroid": fit_centroid,
     "fuse_near": fit_fuse_near,
+    "demo_gate": fit_demo_gate,
     "learned": fit_learned,
     "oracle": oracle,
 }
@@ -291,6 +329,7 @@ def main() -> int:
     parser.add_argument("--adapters", type=Path, default=REPO / "routing/library")
     parser.add_argument("--per-task", type=int, default=3, help="held-out examples per task")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--k", type=int, default=6, help="demonstrations under gen_demos")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--records", type=Path, help="reuse (or write) the answers here")
@@ -318,6 +357,7 @@ def main() -> int:
                 fold_index,
                 folds,
                 metas,
+                args.k,
                 args.max_tokens,
                 args.concurrency,
             )
@@ -340,6 +380,11 @@ def main() -> int:
         "folds": [sorted(f) for f in folds],
         **cv,
         "chosen": chosen,
+        # The settings each rule takes when fitted on every fold: the default's.
+        "fitted_on_all_folds": {
+            name: {"rouge_l": round(score(examples, rule), 2), "fitted": params}
+            for name, (rule, params) in ((n, fit(examples)) for n, fit in RULES.items())
+        },
         # The generalist saw these tasks (not these examples) in training.
         "generalist_leak": {
             "base_rouge_l": round(base, 2),
@@ -361,6 +406,7 @@ def dump_example(ex: Example) -> dict[str, Any]:
         "fold": ex.fold,
         "vector": [round(float(v), 6) for v in ex.vector],
         "sims": [round(s, 5) for s in ex.sims],
+        "demo_score": round(ex.demo_score, 5),
         "names": ex.names,
         "scores": {k: round(v, 3) for k, v in ex.scores.items()},
     }
@@ -373,6 +419,7 @@ def load_example(raw: dict[str, Any]) -> Example:
         fold=raw["fold"],
         vector=np.asarray(raw["vector"], dtype=np.float32),
         sims=raw["sims"],
+        demo_score=raw["demo_score"],
         names=raw["names"],
         scores=raw["scores"],
     )

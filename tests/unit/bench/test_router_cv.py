@@ -50,9 +50,11 @@ def _examples(cv: ModuleType, near_helps: bool) -> list:
                 "s1": 50.0 if good else 20.0,
                 "s2": 25.0,
                 "fuse": 40.0 if good else 28.0,
+                "gen_demos": 35.0 if close else 20.0,
             }
+            demo = 0.5 if close else 0.2
             examples.append(
-                cv.Example(f"task{t}", i, fold, vector, [s1, s2, 0.5], ["a", "b"], scores)
+                cv.Example(f"task{t}", i, fold, vector, [s1, s2, 0.5], demo, ["a", "b"], scores)
             )
     return examples
 
@@ -64,6 +66,7 @@ def test_rules_find_the_close_specialist_on_held_out_folds(cv: ModuleType) -> No
     # s1 on the close half (50), the generalist on the rest (30).
     assert overall["centroid"] == pytest.approx(40.0)
     assert overall["fuse_near"] == pytest.approx(35.0)
+    assert overall["demo_gate"] == pytest.approx(32.5)
     assert overall["learned"] >= overall["fuse_near"]
     assert overall["oracle"] == pytest.approx(40.0)
     for fold in report["folds"]:
@@ -75,7 +78,9 @@ def test_when_no_specialist_helps_the_rules_keep_the_generalist(cv: ModuleType) 
     overall = report["cross_validated"]
     assert overall["centroid"] == pytest.approx(30.0)
     assert overall["fuse_near"] == pytest.approx(30.0)
-    assert overall["learned"] == pytest.approx(30.0)
+    # Demonstrations still help where they are near.
+    assert overall["demo_gate"] == pytest.approx(32.5)
+    assert overall["learned"] >= 30.0
     for fold in report["folds"]:
         assert fold["centroid"]["picks"] == {"generalist": fold["tasks"] * 3}
 
@@ -84,5 +89,5 @@ def test_records_round_trip(cv: ModuleType) -> None:
     ex = _examples(cv, near_helps=True)[0]
     back = cv.load_example(cv.dump_example(ex))
     assert back.task == ex.task and back.fold == ex.fold and back.names == ex.names
-    assert back.scores == ex.scores
+    assert back.scores == ex.scores and back.demo_score == ex.demo_score
     np.testing.assert_allclose(back.vector, ex.vector)
