@@ -225,7 +225,8 @@ def parse_task_list(text: str) -> list[str]:
 
 
 def default_seen_tasks() -> list[str]:
-    """The tasks the default demonstration store and adapter library are built from."""
+    """The tasks the default demonstration store is built from (the default adapter
+    library is trained on these and on `seen_tasks_extra.txt`)."""
     return _packaged_task_list("seen_tasks.txt")
 
 

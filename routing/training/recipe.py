@@ -73,9 +73,9 @@ class AdapterSettings:
 
 @dataclass(frozen=True)
 class SpecialistSettings(AdapterSettings):
-    # Small and briefly trained, so that 7-8 of them and the generalist stay within the
-    # 30 MB the default library may weigh (tests/unit/routing/test_packaged_library.py)
-    # and its build short (docs/routing.md, "The default library").
+    # The defaults of `--tasks` runs: small and briefly trained, a library in minutes.
+    # The shipped library's recipe (routing/library/recipe.json) sets its own, larger
+    # sizes (docs/routing.md, "The default library").
     rank: int = 4
     alpha: float = 8.0
     per_task: int = 3
