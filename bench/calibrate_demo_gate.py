@@ -31,6 +31,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,12 @@ async def ask(
     item: Item,
     crosstask: dict[str, Any],
     max_tokens: int,
+    messages: Callable[[str, str], list[dict[str, str]]] = shaped_messages,
 ) -> tuple[float, list[float]]:
+    """ROUGE-L of the first line of the greedy answer, and the demonstrations' scores."""
     reply = await client.chat.completions.create(
         model=model,
-        messages=shaped_messages(item.definition, item.input),  # type: ignore[arg-type]
+        messages=messages(item.definition, item.input),  # type: ignore[arg-type]
         temperature=0.0,
         max_tokens=max_tokens,
         extra_body={"crosstask": crosstask},

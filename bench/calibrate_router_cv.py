@@ -57,7 +57,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from calibrate_demo_gate import folds_of, macro
+from calibrate_demo_gate import ask, folds_of, macro
 from openai import AsyncOpenAI
 
 from retrieval.build import usable_examples
@@ -69,7 +69,6 @@ from routing.training.data import split_task
 from routing.training.recipe import RECIPE_FILE, read_recipe
 from serve.evaluation.items import Item, default_task_source
 from serve.evaluation.modes import GENERALIST_ADAPTER, chat_messages
-from serve.evaluation.scoring import first_line, rouge_l
 
 REPO = Path(__file__).resolve().parent.parent
 OPTIONS = ("base", "generalist", "s1", "s2", "fuse", "gen_demos")
@@ -153,19 +152,10 @@ async def collect(
     gate = asyncio.Semaphore(concurrency)
     done = 0
 
-    async def ask(item: Item, extension: dict[str, Any]) -> tuple[float, float]:
+    async def ask_one(item: Item, extension: dict[str, Any]) -> tuple[float, float]:
         async with gate:
-            reply = await client.chat.completions.create(
-                model=model,
-                messages=chat_messages(item.definition, item.input),  # type: ignore[arg-type]
-                temperature=0.0,
-                max_tokens=max_tokens,
-                extra_body={"crosstask": extension},
-            )
-        text = first_line(reply.choices[0].message.content or "")
-        demos = (reply.model_extra or {}).get("crosstask", {}).get("demonstrations", [])
-        nearest = max((float(d["score"]) for d in demos), default=-1.0)
-        return rouge_l(text, item.targets), nearest
+            rouge, scores = await ask(client, model, item, extension, max_tokens, chat_messages)
+        return rouge, max(scores, default=-1.0)
 
     async def one(item: Item, vector: np.ndarray) -> Example:
         nonlocal done
@@ -177,7 +167,7 @@ async def collect(
         )
         names = [allowed[0][1], allowed[1][1]]
         ways = extensions(names, sorted(held), k)
-        results = await asyncio.gather(*(ask(item, ways[o]) for o in OPTIONS))
+        results = await asyncio.gather(*(ask_one(item, ways[o]) for o in OPTIONS))
         done += 1
         if done % 50 == 0:
             print(f"{done}/{len(items)} examples", file=sys.stderr, flush=True)
