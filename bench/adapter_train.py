@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from retrieval.embedder import cpu_has_fast_bf16
-from retrieval.sources import BigBenchSource, default_seen_tasks, ensure_bigbench_sdist
+from retrieval.sources import default_seen_tasks, open_bigbench
 from routing.training.data import (
     StoreDemoSource,
     TrainExample,
@@ -119,7 +119,7 @@ class Measured:
 
 def real_examples(every: int, per_task: int, max_seq_len: int) -> list[TrainExample]:
     settings = Settings()
-    source = BigBenchSource(ensure_bigbench_sdist(bigbench_cache(settings.home_dir)))
+    source = open_bigbench(settings.bigbench, bigbench_cache(settings.home_dir))
     names = default_seen_tasks()[::every]
     demos = StoreDemoSource(default_store_dir(settings.home_dir))
     data = DataConfig(max_seq_len=max_seq_len)

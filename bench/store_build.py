@@ -16,8 +16,8 @@ Wall-clock examples/s on a shared machine moves with whatever else runs; the CPU
 the build used (`examples_per_cpu_s`) move much less, so both are reported, with the load
 average, and torch builds again at the end (speedups are against the mean of its two).
 Run it under `flock /tmp/crosstask-cpu.lock` where others benchmark too.
-Needs the bigbench sdist (CROSSTASK_HOME/bigbench, or --sdist). Prints a summary and
-writes bench/results/store_build.json.
+Needs BIG-bench (the sdist cached in CROSSTASK_HOME/bigbench, or --sdist: the sdist or a
+checkout). Prints a summary and writes bench/results/store_build.json.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from retrieval.build import build_store, sample_examples
 from retrieval.embedder import Embedder, default_num_threads
 from retrieval.query import query_text
 from retrieval.sources import (
-    BigBenchSource,
+    TaskSource,
     default_dev_tasks,
     default_seen_tasks,
-    ensure_bigbench_sdist,
+    open_bigbench,
     read_task_list,
 )
 
@@ -98,7 +98,7 @@ def machine() -> dict[str, Any]:
 
 
 def build_once(
-    label: str, options: dict[str, Any], source: BigBenchSource, names: list[str], args: Any
+    label: str, options: dict[str, Any], source: TaskSource, names: list[str], args: Any
 ) -> dict[str, Any]:
     """One end-to-end default build; returns its figures and (privately) its vectors."""
     work = Path(tempfile.mkdtemp(prefix="store-build-"))
@@ -251,7 +251,7 @@ def token_lengths(embedder: Embedder, texts: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sdist", type=Path, default=os.environ.get("CROSSTASK_BIGBENCH_SDIST"))
+    parser.add_argument("--sdist", type=Path, default=os.environ.get("CROSSTASK_BIGBENCH"))
     parser.add_argument("--tasks", type=Path, default=None, help="task list (default: seen)")
     parser.add_argument("--per-task", type=int, default=DEFAULT_PER_TASK)
     parser.add_argument(
@@ -268,9 +268,8 @@ def main() -> None:
     args = parser.parse_args()
 
     home = Path(os.environ.get("CROSSTASK_HOME") or Path.home() / ".cache" / "crosstask")
-    sdist = args.sdist or ensure_bigbench_sdist(home / "bigbench")
     args.cache = args.cache or home / "embedders"
-    source = BigBenchSource(sdist)
+    source = open_bigbench(args.sdist, home / "bigbench")
     names = read_task_list(args.tasks) if args.tasks else default_seen_tasks()
     labels = ["torch", *(b for b in args.backends.split(",") if b and b != "torch")]
     result: dict[str, Any] = {

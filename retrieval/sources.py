@@ -1,8 +1,12 @@
-"""BIG-bench tasks read straight out of the `bigbench==1.0.0` sdist from PyPI.
+"""Where tasks come from: BIG-bench, or a JSONL file of the user's own.
 
-The sdist holds every `task.json` (1041 of them, the 61 Natural Instructions v1 tasks
-among them). We never install it (it pulls TensorFlow) and never extract it: a task is
-read by seeking forward through the gzip stream to the member's data.
+BIG-bench is read straight out of the `bigbench==1.0.0` sdist, which holds every
+`task.json` (1041 of them, the 61 Natural Instructions v1 tasks among them). We never
+install it (it pulls TensorFlow) and never extract it: a task is read by seeking forward
+through the gzip stream to the member's data. PyPI has stopped serving that release, so
+the sdist is downloaded only where an index still has it (a mirror that kept it); a copy
+of the file, or a checkout of the BIG-bench repository, can be named instead
+(`open_bigbench`). Without any of these `BigBenchUnavailable` says how to supply one.
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ class SourceError(RuntimeError):
     """The sdist could not be obtained or read, or a task.json is malformed."""
 
 
+class BigBenchUnavailable(SourceError):
+    """No BIG-bench copy was named or cached here, and pip could not download one."""
+
+
+class _PipFailed(SourceError):
+    """pip exited non-zero (nothing to download, no index, no network)."""
+
+
 class UnknownTaskError(KeyError):
     """A task name that the sdist does not hold (or that has no examples of its own)."""
 
@@ -80,7 +92,7 @@ class Task:
 
 
 class TaskSource(Protocol):
-    """Where tasks come from: `BigBenchSource`, or a small fake in unit tests."""
+    """Where tasks come from: `BigBenchSource`, `BigBenchCheckout`, `TaskList`."""
 
     def check_names(self, names: Iterable[str]) -> None:
         """Raise UnknownTaskError for any name the source does not hold."""
@@ -114,21 +126,24 @@ def ensure_bigbench_sdist(cache_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".bigbench-download-", dir=cache_dir) as tmp:
         work = Path(tmp)
         dest = work / "sdist"
-        _run_pip(
-            [
-                *_pip_command(work),
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                # Build with this environment's setuptools: an isolated build would first
-                # install build dependencies from the index, which no hash covers.
-                "--no-build-isolation",
-                *_hash_pinned(work, f"bigbench=={BIGBENCH_VERSION}", BIGBENCH_SDIST_SHA256),
-                "-d",
-                str(dest),
-            ]
-        )
+        try:
+            _run_pip(
+                [
+                    *_pip_command(work),
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    # Build with this environment's setuptools: an isolated build would
+                    # first install build dependencies from the index, which no hash covers.
+                    "--no-build-isolation",
+                    *_hash_pinned(work, f"bigbench=={BIGBENCH_VERSION}", BIGBENCH_SDIST_SHA256),
+                    "-d",
+                    str(dest),
+                ]
+            )
+        except _PipFailed as exc:  # A hash mismatch is no reason to go on without it.
+            raise BigBenchUnavailable(f"{exc}\n{how_to_supply_bigbench(target)}") from exc
         downloaded = dest / BIGBENCH_SDIST_NAME
         if not downloaded.is_file():
             raise SourceError(f"pip reported success but {downloaded.name} is missing")
@@ -142,6 +157,34 @@ def ensure_bigbench_sdist(cache_dir: Path) -> Path:
         os.replace(downloaded, target)
         fsync_dir(cache_dir)
     return target
+
+
+def how_to_supply_bigbench(cache_file: Path) -> str:
+    return (
+        f"BIG-bench {BIGBENCH_VERSION} could not be downloaded (PyPI no longer serves it; "
+        "pip finds it only on an index that kept it). Name a copy instead: "
+        "CROSSTASK_BIGBENCH=PATH (or --bigbench PATH), PATH being "
+        f"{BIGBENCH_SDIST_NAME} or a checkout of the BIG-bench repository; or put the "
+        f"sdist (sha256 {BIGBENCH_SDIST_SHA256}) at {cache_file}."
+    )
+
+
+def open_bigbench(path: Path | None, cache_dir: Path) -> BigBenchSource | BigBenchCheckout:
+    """BIG-bench from `path` (the sdist, or a folder holding
+    `bigbench/benchmark_tasks`), else from the sdist cached in `cache_dir`, downloaded
+    there the first time. Raises BigBenchUnavailable when there is none to be had."""
+    if path is not None:
+        path = Path(path).expanduser()
+        return BigBenchCheckout(path) if path.is_dir() else BigBenchSource(path)
+    return BigBenchSource(ensure_bigbench_sdist(cache_dir))
+
+
+def local_bigbench(path: Path | None, cache_dir: Path) -> Path | None:
+    """The BIG-bench copy `open_bigbench` would read without downloading, if any."""
+    if path is not None:
+        return Path(path).expanduser()
+    cached = Path(cache_dir) / BIGBENCH_SDIST_NAME
+    return cached if cached.is_file() else None
 
 
 def _pip_command(work: Path) -> list[str]:
@@ -194,7 +237,7 @@ def _run_pip(argv: list[str]) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise SourceError(f"command failed ({proc.returncode}): {' '.join(argv)}\n{tail}")
+        raise _PipFailed(f"command failed ({proc.returncode}): {' '.join(argv)}\n{tail}")
 
 
 def _sha256(path: Path) -> str:
@@ -244,7 +287,67 @@ def _packaged_task_list(filename: str) -> list[str]:
 # --------------------------------------------------------------------------- reading
 
 
-class BigBenchSource:
+class _TaskJsonFiles:
+    """What the two BIG-bench layouts share: names, their checks, and task.json parsing."""
+
+    path: Path
+
+    def _names(self) -> Iterable[str]:
+        raise NotImplementedError
+
+    def _read(self, names: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+        raise NotImplementedError
+
+    # -- names
+
+    def names(self) -> list[str]:
+        """Every task name here, sorted (parents of subtasks included)."""
+        return sorted(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in set(self._names())
+
+    def check_names(self, names: Iterable[str]) -> None:
+        """Raise UnknownTaskError naming every unknown task, with close matches."""
+        known = set(self._names())
+        problems = []
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+                hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+                problems.append(f"{name!r}{hint}")
+        if problems:
+            raise UnknownTaskError(
+                f"unknown BIG-bench task(s) in {self.path.name}: " + "; ".join(problems)
+            )
+
+    # -- tasks
+
+    def task(self, name: str) -> Task:
+        return next(self.tasks([name]))
+
+    def tasks(self, names: Sequence[str]) -> Iterator[Task]:
+        self.check_names(names)
+        for name, raw in self._read(names):
+            yield self._parse(name, raw)
+
+    def _parse(self, name: str, raw: bytes) -> Task:
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SourceError(f"task {name!r}: task.json is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SourceError(f"task {name!r}: task.json is not an object")
+        raw_examples = data.get("examples")
+        if not raw_examples:
+            subtasks = [n for n in self._names() if n.startswith(name + "/")]
+            hint = f"; its subtasks: {', '.join(sorted(subtasks))}" if subtasks else ""
+            raise UnknownTaskError(f"task {name!r} has no examples of its own{hint}")
+        examples = [ex for ex in map(convert_example, raw_examples) if ex is not None]
+        return Task(name=name, definition=task_definition(data), examples=examples)
+
+
+class BigBenchSource(_TaskJsonFiles):
     """Tasks from a BIG-bench sdist tarball, indexed once and read member by member.
 
     Building the index needs one pass over the whole archive (about 10 s for the real
@@ -259,37 +362,11 @@ class BigBenchSource:
             raise SourceError(f"BIG-bench sdist not found: {self.path}")
         self._index: dict[str, _Member] | None = None
 
-    # -- names
+    def _names(self) -> Iterable[str]:
+        return self._members().keys()
 
-    def names(self) -> list[str]:
-        """Every task name in the sdist, sorted (parents of subtasks included)."""
-        return sorted(self._members())
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._members()
-
-    def check_names(self, names: Iterable[str]) -> None:
-        """Raise UnknownTaskError naming every unknown task, with close matches."""
-        index = self._members()
-        problems = []
-        for name in names:
-            if name not in index:
-                close = difflib.get_close_matches(name, index.keys(), n=3, cutoff=0.6)
-                hint = f" (did you mean: {', '.join(close)}?)" if close else ""
-                problems.append(f"{name!r}{hint}")
-        if problems:
-            raise UnknownTaskError(
-                f"unknown BIG-bench task(s) in {self.path.name}: " + "; ".join(problems)
-            )
-
-    # -- tasks
-
-    def task(self, name: str) -> Task:
-        return next(self.tasks([name]))
-
-    def tasks(self, names: Sequence[str]) -> Iterator[Task]:
-        """The named tasks, in archive order (one forward pass over the gzip stream)."""
-        self.check_names(names)
+    def _read(self, names: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+        """The named tasks' bytes in archive order (one forward pass over the stream)."""
         index = self._members()
         wanted = sorted(set(names), key=lambda n: index[n].offset)
         with gzip.open(self.path, "rb") as stream:
@@ -299,22 +376,7 @@ class BigBenchSource:
                 raw = stream.read(member.size)
                 if len(raw) != member.size:
                     raise SourceError(f"{self.path.name}: truncated member for {name!r}")
-                yield self._parse(name, raw)
-
-    def _parse(self, name: str, raw: bytes) -> Task:
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SourceError(f"task {name!r}: task.json is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise SourceError(f"task {name!r}: task.json is not an object")
-        raw_examples = data.get("examples")
-        if not raw_examples:
-            subtasks = [n for n in self._members() if n.startswith(name + "/")]
-            hint = f"; its subtasks: {', '.join(sorted(subtasks))}" if subtasks else ""
-            raise UnknownTaskError(f"task {name!r} has no examples of its own{hint}")
-        examples = [ex for ex in map(convert_example, raw_examples) if ex is not None]
-        return Task(name=name, definition=task_definition(data), examples=examples)
+                yield name, raw
 
     # -- index
 
@@ -383,6 +445,119 @@ def task_name_for_member(member_name: str) -> str | None:
             rest = parts[i + 2 : -1]
             return "/".join(rest) if rest else None
     return None
+
+
+class BigBenchCheckout(_TaskJsonFiles):
+    """Tasks from a folder: a checkout of the BIG-bench repository, the sdist unpacked,
+    or their `bigbench/benchmark_tasks` folder itself. Read in name order."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.path = Path(root)
+        self._tasks_dir = _benchmark_tasks_dir(self.path)
+        self._files: dict[str, Path] | None = None
+
+    def _names(self) -> Iterable[str]:
+        if self._files is None:
+            found = {
+                file.parent.relative_to(self._tasks_dir).as_posix(): file
+                for file in self._tasks_dir.rglob(_TASK_FILE)
+                if file.is_file() and file.parent != self._tasks_dir
+            }
+            if not found:
+                raise SourceError(f"{self._tasks_dir} holds no */{_TASK_FILE}")
+            self._files = found
+        return self._files.keys()
+
+    def _read(self, names: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+        self._names()
+        assert self._files is not None
+        for name in sorted(set(names)):
+            try:
+                yield name, self._files[name].read_bytes()
+            except OSError as exc:
+                raise SourceError(f"cannot read task {name!r}: {exc}") from exc
+
+
+def _benchmark_tasks_dir(root: Path) -> Path:
+    candidates = [root / _TASKS_DIR[0] / _TASKS_DIR[1], root / _TASKS_DIR[1], root]
+    for folder in candidates:
+        names = (folder.parent.name, folder.name)
+        if names == _TASKS_DIR and folder.is_dir():
+            return folder
+    if not root.exists():
+        raise SourceError(f"BIG-bench folder not found: {root}")
+    raise SourceError(f"{root} holds no {'/'.join(_TASKS_DIR)} folder")
+
+
+class TaskList:
+    """Tasks held in memory: a user's own JSONL file of them (`read_jsonl_tasks`)."""
+
+    def __init__(self, tasks: Iterable[Task], origin: str = "task list") -> None:
+        self.origin = origin
+        self._tasks = {t.name: t for t in tasks}
+
+    def names(self) -> list[str]:
+        """Every task name, in the order first given."""
+        return list(self._tasks)
+
+    def check_names(self, names: Iterable[str]) -> None:
+        unknown = [n for n in names if n not in self._tasks]
+        if unknown:
+            raise UnknownTaskError(
+                f"unknown task(s) in {self.origin}: " + ", ".join(map(repr, unknown))
+            )
+
+    def tasks(self, names: Sequence[str]) -> Iterator[Task]:
+        self.check_names(names)
+        for name in dict.fromkeys(names):
+            yield self._tasks[name]
+
+
+def read_jsonl_tasks(path: Path | str) -> TaskList:
+    """Tasks from a JSONL file, one object a line shaped like the body of
+    `POST /v1/demonstrations`: `{"task", "definition", "examples": [{"input", "output"}]}`.
+    Lines naming the same task add to its examples (their definitions must agree); blank
+    lines are skipped. Raises SourceError naming the line of anything malformed."""
+    path = Path(path)
+    tasks: dict[str, Task] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read {path}: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{where}: not JSON: {exc}") from exc
+        name, definition, examples = _jsonl_fields(data, where)
+        task = tasks.setdefault(name, Task(name=name, definition=definition, examples=[]))
+        if task.definition != definition:
+            raise SourceError(f"{where}: task {name!r} was given another definition before")
+        task.examples.extend(examples)
+    return TaskList(tasks.values(), origin=path.name)
+
+
+def _jsonl_fields(data: object, where: str) -> tuple[str, str, list[Example]]:
+    if not isinstance(data, dict):
+        raise SourceError(f"{where}: expected an object")
+    name, definition, raw = data.get("task"), data.get("definition"), data.get("examples")
+    if not isinstance(name, str) or not name.strip():
+        raise SourceError(f"{where}: 'task' must be a non-empty string")
+    if not isinstance(definition, str):
+        raise SourceError(f"{where}: 'definition' must be a string")
+    if not isinstance(raw, list) or not raw:
+        raise SourceError(f"{where}: 'examples' must be a non-empty list")
+    examples = []
+    for i, ex in enumerate(raw):
+        text = ex.get("input") if isinstance(ex, dict) else None
+        output = ex.get("output") if isinstance(ex, dict) else None
+        if not isinstance(text, str) or not isinstance(output, str):
+            raise SourceError(f"{where}: examples[{i}] needs string 'input' and 'output'")
+        examples.append(Example(input=text, output=output, targets=[output]))
+    return name.strip(), definition, examples
 
 
 def task_definition(data: dict[str, Any]) -> str:

@@ -400,6 +400,21 @@ def read_metadata(db: Path, *, immutable: bool = False) -> dict[str, str]:
         return {}
 
 
+def demo_count(db: Path) -> int:
+    """How many demonstrations the database at `db` holds, read without opening the
+    store; 0 when there is no readable database there."""
+    if not db.is_file():
+        return 0
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM demos").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
 def make_self_contained(db: Path) -> None:
     """Fold the write-ahead log into the database file and switch it to rollback mode: one
     self-contained file, which a reader opens without -wal or -shm files even in a folder

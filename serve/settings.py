@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         default=None,
         description="A sentence-transformers folder; None is the embedded all-MiniLM-L6-v2.",
     )
+    bigbench: Path | None = Field(
+        default=None,
+        description="BIG-bench to read tasks from: the bigbench-1.0.0 sdist or a checkout of "
+        "the BIG-bench repository; None is the sdist cached under CROSSTASK_HOME, "
+        "downloaded with pip the first time where an index still serves it.",
+    )
 
     # The demonstration store with several replicas (deploy/README.md): one read-write
     # server publishes snapshots of the store; read-only ones serve the newest snapshot.

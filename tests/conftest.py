@@ -1,12 +1,11 @@
 """The session's real server, shared by tests/integration and tests/reliability:
 `crosstask serve` with the real vLLM engine and the embedded default model, API keys on,
-a copy of the default store and a small test adapter library. Tests talk to it over HTTP
-only (tests/server.py starts it)."""
+a store of the project's test demonstrations and a small test adapter library. Tests talk
+to it over HTTP only (tests/server.py starts it)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,15 +24,33 @@ def model_dir() -> Path:
     return ensure_default_model(crosstask_home())
 
 
+# The project's own demonstrations for tests: a dozen small tasks, written for them.
+TEST_DEMONSTRATIONS = Path(__file__).parent / "data" / "demonstrations.jsonl"
+
+
 @pytest.fixture(scope="session")
 def store_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the default store: the tests write to it, the user's stays as built."""
-    from serve.defaults import ensure_defaults
+    """A store built from TEST_DEMONSTRATIONS by the real build path and embedder (what
+    `crosstask store build --from` does); the tests write to it. Not the default store:
+    that one needs BIG-bench, which a fresh machine may not be able to get."""
+    from retrieval.sources import read_jsonl_tasks
+    from serve.defaults import build_task_store
 
-    defaults = ensure_defaults(crosstask_home())
-    copy = tmp_path_factory.mktemp("store") / "store"
-    shutil.copytree(defaults.store_dir, copy, ignore=shutil.ignore_patterns("LOCK"))
-    return copy
+    tasks = read_jsonl_tasks(TEST_DEMONSTRATIONS)
+    out = tmp_path_factory.mktemp("store") / "store"
+    build_task_store(
+        out=out,
+        source=tasks,
+        tasks=tasks.names(),
+        exclude=[],
+        per_task=None,
+        home=crosstask_home(),
+        embedder_dir=None,
+        seed=0,
+        overwrite=False,
+        source_name=TEST_DEMONSTRATIONS.name,
+    )
+    return out
 
 
 # The test adapter library: random LoRAs (no training), with prototypes placed on the

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serve.cli.common import add_bigbench_flag, settings_from_args
 from serve.progress import ProgressBar
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ def _add_train(sub: Any) -> None:
         help="Demonstration store to retrieve from (default: CROSSTASK_HOME/store).",
     )
     t.add_argument("--embedder", type=Path, help="sentence-transformers folder.")
-    t.add_argument("--bigbench-sdist", dest="bigbench_sdist", type=Path)
+    add_bigbench_flag(t)
     t.add_argument("--home", type=Path, help="Cache folder (default ~/.cache/crosstask).")
     t.set_defaults(func=cmd_train)
 
@@ -275,7 +276,7 @@ class StepDisplay:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from retrieval.sources import BigBenchSource, ensure_bigbench_sdist
+    from retrieval.sources import open_bigbench
     from routing.training.data import StoreDemoSource
     from routing.training.library import LibraryInputs, build_library
     from routing.training.loop import RunOptions
@@ -283,7 +284,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from serve.cli.common import configure_logging
     from serve.default_model import ensure_default_model
     from serve.defaults import bigbench_cache, default_store_dir
-    from serve.settings import Settings
 
     configure_logging("info")
     # A polite kill (SIGTERM) interrupts like Ctrl-C, so the running adapter saves a
@@ -298,7 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = read_recipe(args.recipe)
     else:
         recipe = recipe_from_args(args)
-    settings = Settings(**({"home": args.home} if args.home else {}))
+    settings = settings_from_args(args, ["home", "bigbench"])
     home = settings.home_dir
     model_dir = args.model.expanduser().resolve() if args.model else ensure_default_model(home)
     store_dir = args.store or settings.store or default_store_dir(home)
@@ -307,13 +307,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"no demonstration store at {store_dir}: build one with `crosstask prepare` "
             "(the default store) or `crosstask store build`, or pass --store"
         )
-    sdist = args.bigbench_sdist or ensure_bigbench_sdist(bigbench_cache(home))
+    source = open_bigbench(settings.bigbench, bigbench_cache(home))
     demos = StoreDemoSource(Path(store_dir), args.embedder or settings.embedder)
     display = StepDisplay()
     try:
         inputs = LibraryInputs(
             model_dir=model_dir,
-            source=BigBenchSource(sdist),
+            source=source,
             demos=demos,
             embedder_name=demos.embedder_name,
         )

@@ -26,6 +26,19 @@ def settings_from_args(args: argparse.Namespace, fields: Sequence[str]) -> Setti
     return Settings(**given)
 
 
+def add_bigbench_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bigbench",
+        "--bigbench-sdist",
+        dest="bigbench",
+        type=Path,
+        metavar="PATH",
+        help="BIG-bench to read: bigbench-1.0.0.tar.gz or a checkout of the BIG-bench "
+        "repository (env CROSSTASK_BIGBENCH; default: the sdist cached in the home "
+        "folder, downloaded the first time where an index still serves it).",
+    )
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adapters",

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serve.cli.common import add_bigbench_flag, settings_from_args
 from serve.evaluation.config import (
     DEFAULT_CONCURRENCY,
     DEFAULT_K,
@@ -119,13 +120,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         help=f"Seconds per request (default {DEFAULT_TIMEOUT:g}).",
     )
-    p.add_argument(
-        "--bigbench-sdist",
-        dest="bigbench_sdist",
-        type=Path,
-        help="The bigbench-1.0.0 sdist to read tasks from (default: downloaded once into "
-        "CROSSTASK_HOME/bigbench).",
-    )
+    add_bigbench_flag(p)
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -165,8 +160,9 @@ def cmd_eval(args: argparse.Namespace, source: TaskSource | None = None) -> int:
     if not tasks:
         raise SystemExit(f"--tasks {args.tasks}: no task names in the file")
     config = _config_from_args(args, tasks)
+    settings = settings_from_args(args, ["bigbench"])
     try:
-        source = source or default_task_source(args.bigbench_sdist)
+        source = source or default_task_source(settings.bigbench, settings.home_dir)
         result = asyncio.run(run_eval(config, source))
     except (SourceError, UnknownTaskError) as exc:
         raise SystemExit(f"crosstask eval: {exc}") from exc

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from serve.cli.common import configure_logging, settings_from_args
+from serve.cli.common import add_bigbench_flag, configure_logging, settings_from_args
 
 
 def add_store_parser(sub: Any) -> None:
@@ -14,14 +14,17 @@ def add_store_parser(sub: Any) -> None:
     store_sub = p.add_subparsers(dest="store_command", required=True)
     b = store_sub.add_parser(
         "build",
-        help="Build a store from BIG-bench tasks.",
+        help="Build a store from BIG-bench tasks or a JSONL file of your own.",
         description="Sample up to --per-task examples of each task, embed each as its "
         "task definition plus input (as requests are embedded), and write a FAISS + SQLite "
         "store to --out (built beside it, renamed into place when complete).",
     )
     b.add_argument("--out", type=Path, required=True, help="Store folder to create.")
     b.add_argument(
-        "--tasks", type=Path, help="Task list, one BIG-bench name a line (default: the seen tasks)."
+        "--tasks",
+        type=Path,
+        help="Task list, one name a line (default: the seen tasks; with --from, every "
+        "task in the file).",
     )
     b.add_argument("--exclude-tasks", type=Path, help="Task list to leave out.")
     b.add_argument(
@@ -43,7 +46,16 @@ def add_store_parser(sub: Any) -> None:
         default=None,
         help="Weights of the onnx backend (default int8; none = float32).",
     )
-    b.add_argument("--bigbench-sdist", type=Path, help="bigbench-1.0.0.tar.gz to read.")
+    b.add_argument(
+        "--from",
+        dest="from_jsonl",
+        type=Path,
+        metavar="FILE.jsonl",
+        help="Read tasks from this file instead of BIG-bench: one JSON object a line, "
+        'shaped like POST /v1/demonstrations: {"task", "definition", "examples": '
+        '[{"input", "output"}]}.',
+    )
+    add_bigbench_flag(b)
     b.add_argument("--overwrite", action="store_true", help="Replace an existing store.")
     b.add_argument("--home", type=Path, help="Cache folder (default ~/.cache/crosstask).")
     b.set_defaults(func=cmd_store_build)
@@ -58,24 +70,38 @@ def add_store_parser(sub: Any) -> None:
 
 
 def cmd_store_build(args: argparse.Namespace) -> int:
-    from retrieval.sources import default_seen_tasks, read_task_list
-    from serve.defaults import DEFAULT_PER_TASK, build_bigbench_store
+    from retrieval.sources import (
+        TaskSource,
+        default_seen_tasks,
+        open_bigbench,
+        read_jsonl_tasks,
+        read_task_list,
+    )
+    from serve.defaults import DEFAULT_PER_TASK, bigbench_cache, build_task_store
 
-    settings = settings_from_args(args, ["home", "embedder"])
+    settings = settings_from_args(args, ["home", "embedder", "bigbench"])
     configure_logging(settings.log_level)
     per_task = DEFAULT_PER_TASK if args.per_task is None else (args.per_task or None)
-    build_bigbench_store(
+    source: TaskSource
+    if args.from_jsonl is not None:
+        tasks = read_jsonl_tasks(args.from_jsonl)
+        source, names, source_name = tasks, tasks.names(), args.from_jsonl.name
+    else:
+        source = open_bigbench(settings.bigbench, bigbench_cache(settings.home_dir))
+        names, source_name = default_seen_tasks(), "bigbench"
+    build_task_store(
         out=args.out,
-        tasks=read_task_list(args.tasks) if args.tasks else default_seen_tasks(),
+        source=source,
+        tasks=read_task_list(args.tasks) if args.tasks else names,
         exclude=read_task_list(args.exclude_tasks) if args.exclude_tasks else [],
         per_task=per_task,
         home=settings.home_dir,
         embedder_dir=settings.embedder,
         seed=args.seed,
         overwrite=args.overwrite,
-        sdist=args.bigbench_sdist,
         backend=args.embedder_backend,
         quantize=args.embedder_quantize,
+        source_name=source_name,
     )
     return 0
 

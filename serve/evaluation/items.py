@@ -64,9 +64,9 @@ def load_items(
     return order, items
 
 
-def default_task_source(sdist: Path | None) -> TaskSource:
-    from retrieval.sources import BigBenchSource, ensure_bigbench_sdist
-    from serve.settings import Settings
+def default_task_source(bigbench: Path | None, home: Path) -> TaskSource:
+    """BIG-bench from `bigbench` (the sdist or a checkout), else the cached sdist."""
+    from retrieval.sources import open_bigbench
+    from serve.defaults import bigbench_cache
 
-    path = sdist if sdist is not None else ensure_bigbench_sdist(Settings().home_dir / "bigbench")
-    return BigBenchSource(path)
+    return open_bigbench(bigbench, bigbench_cache(home))

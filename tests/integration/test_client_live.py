@@ -163,7 +163,7 @@ def test_chat_auto_and_extension(client: Crosstask, server: Any) -> None:
         task="List colors.",
         demonstrations=Demonstrations(k=0),
         routing=Routing(mode="off"),
-        exclude_tasks=["object_counting"],
+        exclude_tasks=["test/category"],
         max_tokens=8,
         temperature=0,
         seed=1,

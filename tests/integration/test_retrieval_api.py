@@ -12,7 +12,8 @@ import pytest
 
 from tests.server import Server
 
-QASC = "natural_instructions/subtask041_qasc_answer_generation"
+# The test store's task nearest to QUESTION (tests/data/demonstrations.jsonl).
+SCIENCE = "test/science_answer"
 DEFINITION = "Given a science question, write its correct answer."
 QUESTION = [
     {"role": "system", "content": DEFINITION},
@@ -40,11 +41,15 @@ def test_chat_with_demonstrations(openai_client: openai.OpenAI, server: Server) 
         messages=QUESTION,
         max_tokens=16,
         temperature=0,  # type: ignore[arg-type]
-        extra_body={"crosstask": {"demonstrations": {"k": 3}, "exclude_tasks": [QASC]}},
+        extra_body={"crosstask": {"demonstrations": {"k": 3}, "exclude_tasks": [SCIENCE]}},
     )
     demos = result.model_extra["crosstask"]["demonstrations"]  # type: ignore[index]
     assert len(demos) == 3
-    assert all(d["task"] != QASC for d in demos)
+    assert all(d["task"] != SCIENCE for d in demos)
+    # Unexcluded, the science task is what this question finds first.
+    query = f"{DEFINITION}\n{QUESTION[1]['content']}"
+    nearest = _post(server, "/demonstrations/search", {"query": query, "k": 1}).json()["data"]
+    assert nearest[0]["task"] == SCIENCE, nearest
     scores = [d["score"] for d in demos]
     assert scores == sorted(scores, reverse=True)
     assert all(0 < s <= 1.0001 for s in scores)

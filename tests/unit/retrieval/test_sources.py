@@ -1,23 +1,30 @@
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from retrieval import sources
 from retrieval.sources import (
+    BigBenchCheckout,
     BigBenchSource,
+    BigBenchUnavailable,
     Example,
     SourceError,
     UnknownTaskError,
     default_dev_tasks,
     default_seen_tasks,
     ensure_bigbench_sdist,
+    local_bigbench,
+    open_bigbench,
     parse_task_list,
+    read_jsonl_tasks,
     read_task_list,
     task_name_for_member,
 )
@@ -329,10 +336,122 @@ def test_a_tampered_pip_wheel_never_runs(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_index_without_the_sdist_says_how_to_supply_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, legacy_pip: None
+) -> None:
+    def no_such_version(argv: list[str]) -> None:
+        raise sources._PipFailed("No matching distribution found for bigbench==1.0.0")
+
+    monkeypatch.setattr(sources, "_run_pip", no_such_version)
+    with pytest.raises(BigBenchUnavailable) as caught:
+        open_bigbench(None, tmp_path)
+    message = str(caught.value)
+    assert "No matching distribution" in message
+    assert "CROSSTASK_BIGBENCH" in message and sources.BIGBENCH_SDIST_SHA256 in message
+    assert list(tmp_path.iterdir()) == []
+    assert local_bigbench(None, tmp_path) is None
+
+
+def _write_checkout(root: Path, tasks: dict[str, dict[str, Any]]) -> Path:
+    for name, data in tasks.items():
+        folder = root / "bigbench" / "benchmark_tasks" / name
+        folder.mkdir(parents=True)
+        (folder / "task.json").write_text(json.dumps(data))
+    (root / "bigbench" / "benchmark_tasks" / "README.md").write_text("not a task")
+    return root
+
+
+def test_a_checkout_reads_as_the_sdist_does(fake_sdist: Path, tmp_path: Path) -> None:
+    from tests.unit.retrieval.conftest import FAKE_TASKS
+
+    checkout = _write_checkout(tmp_path / "BIG-bench", FAKE_TASKS)
+    packed = BigBenchSource(fake_sdist)
+    for root in (checkout, checkout / "bigbench", checkout / "bigbench" / "benchmark_tasks"):
+        unpacked = BigBenchCheckout(root)
+        assert unpacked.names() == packed.names()
+        names = ["object_counting", "arithmetic/1_digit_addition", "date_understanding"]
+        assert list(unpacked.tasks(names)) == sorted(packed.tasks(names), key=lambda t: t.name)
+    with pytest.raises(UnknownTaskError, match="arithmetic/1_digit_addition"):
+        BigBenchCheckout(checkout).task("arithmetic")
+    with pytest.raises(UnknownTaskError, match="object_countin"):
+        BigBenchCheckout(checkout).check_names(["object_countin"])
+
+
+def test_a_folder_that_is_no_checkout_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="bigbench/benchmark_tasks"):
+        BigBenchCheckout(tmp_path)
+    with pytest.raises(SourceError, match="not found"):
+        BigBenchCheckout(tmp_path / "missing")
+    (tmp_path / "bigbench" / "benchmark_tasks").mkdir(parents=True)
+    with pytest.raises(SourceError, match="holds no"):
+        BigBenchCheckout(tmp_path).names()
+
+
+def test_open_bigbench_reads_what_it_is_given(fake_sdist: Path, tmp_path: Path) -> None:
+    from tests.unit.retrieval.conftest import FAKE_TASKS
+
+    checkout = _write_checkout(tmp_path / "BIG-bench", FAKE_TASKS)
+    assert isinstance(open_bigbench(checkout, tmp_path / "cache"), BigBenchCheckout)
+    assert isinstance(open_bigbench(fake_sdist, tmp_path / "cache"), BigBenchSource)
+    assert local_bigbench(checkout, tmp_path / "cache") == checkout
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cached = cache / sources.BIGBENCH_SDIST_NAME
+    cached.write_bytes(fake_sdist.read_bytes())
+    assert local_bigbench(None, cache) == cached
+    assert open_bigbench(None, cache).path == cached  # No download: it is cached.
+    with pytest.raises(SourceError, match="not found"):
+        open_bigbench(tmp_path / "nowhere.tar.gz", cache)
+
+
+def test_jsonl_tasks(tmp_path: Path) -> None:
+    path = tmp_path / "mine.jsonl"
+    lines = [
+        {"task": "a", "definition": "Do A.", "examples": [{"input": "1", "output": "x"}]},
+        {"task": "b", "definition": "Do B.", "examples": [{"input": "2", "output": "y"}]},
+        {"task": "a", "definition": "Do A.", "examples": [{"input": "3", "output": "z"}]},
+    ]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    tasks = read_jsonl_tasks(path)
+    assert tasks.names() == ["a", "b"]
+    a = next(tasks.tasks(["a"]))
+    assert a.definition == "Do A."
+    assert [(e.input, e.output, e.targets) for e in a.examples] == [
+        ("1", "x", ["x"]),
+        ("3", "z", ["z"]),
+    ]
+    with pytest.raises(UnknownTaskError, match="'c'"):
+        tasks.check_names(["a", "c"])
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("not json", "not JSON"),
+        ("[1]", "expected an object"),
+        ('{"definition": "d", "examples": [{"input": "i", "output": "o"}]}', "'task'"),
+        ('{"task": " ", "definition": "d", "examples": [{"input": "i", "output": "o"}]}', "'task'"),
+        ('{"task": "t", "examples": [{"input": "i", "output": "o"}]}', "'definition'"),
+        ('{"task": "t", "definition": "d", "examples": []}', "'examples'"),
+        ('{"task": "t", "definition": "d", "examples": [{"input": "i"}]}', r"examples\[0\]"),
+        ('{"task": "a", "definition": "Other.", "examples": [{"input": "i", "output": "o"}]}',
+         "another definition"),
+    ],
+)  # fmt: skip
+def test_jsonl_tasks_name_the_bad_line(tmp_path: Path, line: str, problem: str) -> None:
+    path = tmp_path / "mine.jsonl"
+    first = {"task": "a", "definition": "Do A.", "examples": [{"input": "1", "output": "x"}]}
+    path.write_text(json.dumps(first) + "\n" + line + "\n")
+    with pytest.raises(SourceError, match=problem) as caught:
+        read_jsonl_tasks(path)
+    assert "mine.jsonl:2" in str(caught.value)
+
+
 def _real_sdist() -> str | None:
-    """The sdist named by CROSSTASK_BIGBENCH_SDIST, else the one `crosstask prepare` (run by
-    `make test` before the suite) caches under CROSSTASK_HOME."""
-    named = os.environ.get("CROSSTASK_BIGBENCH_SDIST")
+    """The BIG-bench named by CROSSTASK_BIGBENCH (the sdist or a checkout), else the sdist
+    `crosstask prepare` (run by `make test` before the suite) caches under CROSSTASK_HOME
+    where it could download it."""
+    named = os.environ.get("CROSSTASK_BIGBENCH")
     if named:
         return named
     home = Path(os.environ.get("CROSSTASK_HOME", "~/.cache/crosstask")).expanduser()
@@ -344,19 +463,19 @@ REAL_SDIST = _real_sdist()
 
 
 @pytest.mark.skipif(
-    not REAL_SDIST, reason="no real sdist: run `crosstask prepare` or set CROSSTASK_BIGBENCH_SDIST"
+    not REAL_SDIST, reason="no BIG-bench here: PyPI no longer serves it; set CROSSTASK_BIGBENCH"
 )
 def test_real_sdist_has_every_default_task() -> None:
     assert REAL_SDIST is not None
-    src = BigBenchSource(Path(REAL_SDIST))
-    assert len(src.names()) == 1041
+    src = open_bigbench(Path(REAL_SDIST), Path("/nonexistent"))
+    assert len(src.names()) >= 1041
     wanted = default_seen_tasks() + default_dev_tasks()
     tasks = {t.name: t for t in src.tasks(wanted)}
     assert set(tasks) == set(wanted)
     for task in tasks.values():
         assert task.definition, task.name
         assert task.examples, task.name
-    counting = BigBenchSource(Path(REAL_SDIST)).task("object_counting")
+    counting = src.task("object_counting")
     assert counting.examples[0].targets == ["three", "3"]
     ni = tasks["natural_instructions/subtask019_mctaco_temporal_reasoning_category"]
     assert ni.definition.startswith("Definition:")
