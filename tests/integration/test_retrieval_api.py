@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import TEST_DEMONSTRATIONS
 from tests.server import Server
 
 # The test store's task nearest to QUESTION (tests/data/demonstrations.jsonl).
@@ -329,4 +330,6 @@ def test_retrieval_metrics(server: Server) -> None:
     text = httpx.get(f"{server.base_url}/metrics").text
     assert "crosstask_retrieval_latency_seconds_count" in text
     assert "crosstask_demonstrations_per_request_bucket" in text
-    assert server.metric("crosstask_store_size") > 1000
+    # The store holds the test demonstrations it was built from, and what tests added.
+    built = sum(len(json.loads(line)["examples"]) for line in TEST_DEMONSTRATIONS.open())
+    assert server.metric("crosstask_store_size") >= built
