@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.sources import TaskList, TaskSource, local_bigbench
-from retrieval.store import DB_FILE
 from serve.default_model import ensure_default_model
 from serve.progress import ProgressBar
 
@@ -123,6 +122,7 @@ def build_default_store(
 def is_placeholder_store(store_dir: Path) -> bool:
     """The empty store made for want of BIG-bench, still empty."""
     from retrieval.retriever import recorded_metadata
+    from retrieval.store import DB_FILE
     from retrieval.store_db import demo_count
 
     return (
