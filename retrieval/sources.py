@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,16 +288,16 @@ def _packaged_task_list(filename: str) -> list[str]:
 # --------------------------------------------------------------------------- reading
 
 
-class _TaskJsonFiles:
+class _TaskJsonFiles(ABC):
     """What the two BIG-bench layouts share: names, their checks, and task.json parsing."""
 
     path: Path
 
-    def _names(self) -> Iterable[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def _names(self) -> Iterable[str]: ...
 
-    def _read(self, names: Sequence[str]) -> Iterator[tuple[str, bytes]]:
-        raise NotImplementedError
+    @abstractmethod
+    def _read(self, names: Sequence[str]) -> Iterator[tuple[str, bytes]]: ...
 
     # -- names
 

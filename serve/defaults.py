@@ -81,12 +81,13 @@ def build_default_store(
 ) -> None:
     """The store of the seen tasks; where BIG-bench cannot be had, an empty store, so the
     server still starts and `POST /v1/demonstrations` can fill it."""
-    from retrieval.sources import BigBenchUnavailable, default_seen_tasks
+    from retrieval.sources import BigBenchUnavailable, default_seen_tasks, open_bigbench
 
     log.info("Building the default demonstration store from the seen tasks into %s", out)
     try:
-        build_bigbench_store(
+        build_task_store(
             out=out,
+            source=open_bigbench(bigbench, bigbench_cache(home)),
             tasks=default_seen_tasks(),
             exclude=[],
             per_task=DEFAULT_PER_TASK,
@@ -94,7 +95,6 @@ def build_default_store(
             embedder_dir=embedder_dir,
             seed=DEFAULT_SEED,
             overwrite=overwrite,
-            bigbench=bigbench,
         )
     except BigBenchUnavailable as exc:
         if overwrite:
@@ -128,39 +128,6 @@ def is_placeholder_store(store_dir: Path) -> bool:
     return (
         recorded_metadata(store_dir).get("source") == PLACEHOLDER_SOURCE
         and demo_count(store_dir / DB_FILE) == 0
-    )
-
-
-def build_bigbench_store(
-    *,
-    out: Path,
-    tasks: list[str],
-    exclude: list[str],
-    per_task: int | None,
-    home: Path,
-    embedder_dir: Path | None,
-    seed: int,
-    overwrite: bool,
-    bigbench: Path | None = None,
-    backend: str = "auto",
-    quantize: str | None = None,
-) -> None:
-    """Build a store from BIG-bench tasks (`bigbench`: the sdist or a checkout; None: the
-    cached sdist, downloaded the first time)."""
-    from retrieval.sources import open_bigbench
-
-    build_task_store(
-        out=out,
-        source=open_bigbench(bigbench, bigbench_cache(home)),
-        tasks=tasks,
-        exclude=exclude,
-        per_task=per_task,
-        home=home,
-        embedder_dir=embedder_dir,
-        seed=seed,
-        overwrite=overwrite,
-        backend=backend,
-        quantize=quantize,
     )
 
 

@@ -66,39 +66,20 @@ def test_store_build_from_jsonl(tmp_path: Path) -> None:
     assert {h["task"] for h in hits} == {"test/add_numbers", "test/units"}
     # Unknown task names fail before any work, with a clear message.
     tasks.write_text("no_such_task_anywhere\n")
-    failed = _cli(
-        "store",
-        "build",
-        "--out",
-        str(tmp_path / "x"),
-        "--from",
-        str(TEST_DEMONSTRATIONS),
-        "--tasks",
-        str(tasks),
-        "--home",
-        home,
-        check=False,
-    )
-    assert failed.returncode != 0
-    assert "no_such_task_anywhere" in failed.stderr
-    assert not (tmp_path / "x").exists()
+    _refused(tmp_path / "x", "no_such_task_anywhere", "--from", str(TEST_DEMONSTRATIONS),
+             "--tasks", str(tasks), "--home", home)  # fmt: skip
     # A malformed line is named by its number.
     bad = tmp_path / "bad.jsonl"
     bad.write_text(TEST_DEMONSTRATIONS.read_text().splitlines()[0] + '\n{"task": "t"}\n')
-    failed = _cli(
-        "store",
-        "build",
-        "--out",
-        str(tmp_path / "y"),
-        "--from",
-        str(bad),
-        "--home",
-        home,
-        check=False,
-    )
+    _refused(tmp_path / "y", "bad.jsonl:2", "--from", str(bad), "--home", home)
+
+
+def _refused(out: Path, message: str, *args: str) -> None:
+    """`store build --out out ARGS` fails with `message` and leaves nothing at `out`."""
+    failed = _cli("store", "build", "--out", str(out), *args, check=False)
     assert failed.returncode != 0
-    assert "bad.jsonl:2" in failed.stderr
-    assert not (tmp_path / "y").exists()
+    assert message in failed.stderr
+    assert not out.exists()
 
 
 def _bigbench_checkout(root: Path, names: list[str]) -> Path:
